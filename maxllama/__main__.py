@@ -1,0 +1,5 @@
+import sys
+
+from maxllama.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Checkpoints: Orbax save/restore of the train state and the resume policy."""

@@ -1,0 +1,243 @@
+"""The typed run configuration: every key, its type, its default and one line of doc.
+
+Sections are frozen pydantic models that reject unknown keys and wrong types (strict mode: a YAML string
+is never silently turned into a number). Cross-field rules live in `validate_consistency`, so that a bad
+combination is reported with the dotted key it concerns before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DType = Literal["float32", "bfloat16"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class RunConfig(Section):
+    name: str = Field("tiny", description="Run name; used in the default run directory and in logs.")
+    dir: str = Field("runs/{name}", description="Run directory; '{name}' is replaced by run.name.")
+
+
+class RopeScalingConfig(Section):
+    factor: float = Field(16.0, description="Divide low frequencies by this factor ('llama3' scaling).")
+    low_freq_factor: float = Field(1.0, description="Wavelengths above original/low are fully scaled.")
+    high_freq_factor: float = Field(1.0, description="Wavelengths below original/high are kept.")
+    original_max_position: int = Field(8192, description="Context length the frequencies were trained for.")
+
+
+class ModelConfig(Section):
+    vocab_size: int = Field(512, description="Embedding and output vocabulary size.")
+    d_model: int = Field(128, description="Residual stream width.")
+    n_layers: int = Field(4, description="Number of decoder layers.")
+    n_heads: int = Field(4, description="Query heads per attention layer.")
+    n_kv_heads: int = Field(2, description="Key/value heads (grouped-query attention); divides n_heads.")
+    head_dim: Optional[int] = Field(None, description="Per-head width; default d_model // n_heads.")
+    d_ff: int = Field(512, description="Hidden width of the dense SwiGLU feed-forward layers.")
+    d_ff_expert: int = Field(256, description="Hidden width of each routed expert and of the shared expert.")
+    n_experts: int = Field(4, description="Routed experts per MoE layer.")
+    top_k: int = Field(1, description="Experts chosen per token.")
+    shared_expert: bool = Field(True, description="Add an always-on shared expert to each MoE layer.")
+    moe_every: int = Field(2, description="MoE at 0-based layers moe_every-1, 2*moe_every-1, ...; 0: no MoE.")
+    nope_every: int = Field(4, description="Layer i is NoPE (global attention) when (i+1) % nope_every == 0; 0: none.")
+    attn_chunk: Optional[int] = Field(64, description="Chunk size of local attention on RoPE layers; null: global.")
+    qk_norm: bool = Field(True, description="Weightless RMS norm of q and k after RoPE, on RoPE layers.")
+    attn_temperature_tuning: bool = Field(True, description="Scale NoPE-layer queries up with log position.")
+    attn_scale: float = Field(0.1, description="Temperature tuning strength.")
+    floor_scale: float = Field(8192.0, description="Temperature tuning position granularity.")
+    rope_theta: float = Field(500000.0, description="RoPE base.")
+    rope_scaling: Optional[RopeScalingConfig] = Field(None, description="'llama3' frequency scaling; null: none.")
+    norm_eps: float = Field(1e-5, description="RMSNorm epsilon.")
+    param_dtype: DType = Field("float32", description="Dtype parameters are stored in.")
+    compute_dtype: DType = Field("float32", description="Dtype of matmuls and activations (norms, softmax, loss in fp32).")
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = Field(
+        "none", description="Rematerialisation of each scanned layer group: what the backward pass keeps.")
+    scan_layers: bool = Field(True, description="Scan over repeating layer groups (compile time flat in depth).")
+    moe_dispatch: Literal["dense", "dropless"] = Field(
+        "dropless", description="'dense': every expert sees every token; 'dropless': sorted grouped matmul.")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def pattern_period(self) -> int:
+        """Layers after which the (NoPE, MoE) pattern repeats: the unit of the layer scan."""
+        return math.lcm(max(self.nope_every, 1), max(self.moe_every, 1))
+
+    def is_nope(self, layer: int) -> bool:
+        return self.nope_every > 0 and (layer + 1) % self.nope_every == 0
+
+    def is_moe(self, layer: int) -> bool:
+        return self.moe_every > 0 and (layer + 1) % self.moe_every == 0
+
+
+class VisionConfig(Section):
+    """Sizes of the early-fusion vision encoder (counted in the parameter totals; the encoder itself is
+    built by the multimodal model)."""
+
+    enabled: bool = Field(False, description="Model has a vision encoder and projector.")
+    d_model: int = Field(1408, description="Vision transformer width.")
+    n_layers: int = Field(34, description="Vision transformer layers.")
+    n_heads: int = Field(16, description="Vision attention heads.")
+    d_ff: int = Field(5632, description="Vision MLP width.")
+    image_size: int = Field(336, description="Tile side in pixels.")
+    patch_size: int = Field(14, description="Patch side in pixels.")
+    pixel_shuffle_ratio: float = Field(0.5, description="Spatial downsampling of the adapter's pixel shuffle.")
+    projector_dim: int = Field(4096, description="Width of the adapter MLP (fc1, fc2).")
+
+
+class TrainConfig(Section):
+    steps: int = Field(1000, description="Optimizer steps.")
+    batch_size: int = Field(16, description="Global batch size in sequences.")
+    seq_len: int = Field(256, description="Tokens per sequence.")
+    log_every: int = Field(10, description="Write metrics every this many steps.")
+    eval_every: int = Field(200, description="Evaluate on held-out data every this many steps (and at the end).")
+    eval_batches: int = Field(8, description="Batches in one evaluation.")
+    load_balance_weight: float = Field(0.01, description="Weight of the MoE load-balancing loss.")
+    router_z_weight: float = Field(0.001, description="Weight of the router z-loss.")
+    grad_clip: Optional[float] = Field(1.0, description="Clip the global gradient norm to this; null: no clipping.")
+
+
+class OptimConfig(Section):
+    lr: float = Field(3e-3, description="Peak learning rate.")
+    schedule: Literal["cosine", "wsd", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_steps: int = Field(100, description="Linear warmup steps from 0 to lr.")
+    min_lr_ratio: float = Field(0.1, description="Final learning rate as a fraction of lr.")
+    decay_fraction: float = Field(0.2, description="'wsd': fraction of all steps spent decaying at the end.")
+    weight_decay: float = Field(0.1, description="Decoupled (AdamW) weight decay of matrices.")
+    b1: float = Field(0.9, description="Adam first-moment decay.")
+    b2: float = Field(0.95, description="Adam second-moment decay.")
+    eps: float = Field(1e-8, description="Adam epsilon.")
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(0, description="Save a checkpoint every this many steps; 0: only at the end.")
+    keep: int = Field(3, description="Checkpoints kept (the newest ones).")
+
+
+class DataConfig(Section):
+    source: Literal["stdlib"] = Field("stdlib", description="Corpus: 'stdlib' is this Python's standard library source.")
+    val_fraction: float = Field(0.02, description="Fraction of files held out for validation (chosen by path hash).")
+    tokenizer: Literal["byte"] = Field("byte", description="Tokenizer: 'byte' is UTF-8 bytes plus special tokens.")
+
+
+class MeshConfig(Section):
+    data: int = Field(1, description="Data-parallel mesh axis size (-1: all remaining devices).")
+    fsdp: int = Field(-1, description="Fully-sharded data-parallel axis size (-1: all remaining devices).")
+    tensor: int = Field(1, description="Tensor-parallel axis size.")
+    expert: int = Field(1, description="Expert-parallel axis size.")
+    rules: Optional[dict[str, Optional[str | list[str]]]] = Field(
+        None, description="Overrides of the logical-axis -> mesh-axis table (null keeps the default table).")
+
+    @property
+    def axes(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "expert": self.expert}
+
+
+class MetaPConfig(Section):
+    init_std: float = Field(0.02, description="Init std of every matrix (standard parametrization).")
+
+
+class LoggingConfig(Section):
+    tensorboard: bool = Field(True, description="Write TensorBoard event files to run.dir/tensorboard.")
+    progress: bool = Field(True, description="Show a console progress bar.")
+
+
+class Config(Section):
+    seed: int = Field(0, description="Seed of initialisation and data order.")
+    resume: Literal["auto", "never", "require"] = Field(
+        "auto", description="auto: resume if a checkpoint exists; never: start fresh; require: fail without one.")
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    vision: VisionConfig = VisionConfig()
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    data: DataConfig = DataConfig()
+    mesh: MeshConfig = MeshConfig()
+    metap: MetaPConfig = MetaPConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @property
+    def run_dir(self) -> str:
+        return self.run.dir.replace("{name}", self.run.name)
+
+
+def validate_consistency(cfg: Config) -> list[tuple[str, str]]:
+    """Cross-field rules. Returns (dotted key, reason) for every violation; empty when consistent."""
+    errors: list[tuple[str, str]] = []
+
+    def check(ok: bool, key: str, reason: str) -> None:
+        if not ok:
+            errors.append((key, reason))
+
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    positive = {
+        "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
+        "model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads, "model.d_ff": m.d_ff,
+        "model.d_ff_expert": m.d_ff_expert, "train.steps": t.steps, "train.batch_size": t.batch_size,
+        "train.seq_len": t.seq_len, "train.log_every": t.log_every, "train.eval_every": t.eval_every,
+        "train.eval_batches": t.eval_batches, "checkpoint.keep": cfg.checkpoint.keep,
+    }
+    for key, value in positive.items():
+        check(value > 0, key, f"must be positive, got {value}")
+    for key, value in {"model.moe_every": m.moe_every, "model.nope_every": m.nope_every,
+                       "optim.warmup_steps": o.warmup_steps, "checkpoint.every_steps": cfg.checkpoint.every_steps,
+                       "optim.weight_decay": o.weight_decay, "train.load_balance_weight": t.load_balance_weight,
+                       "train.router_z_weight": t.router_z_weight}.items():
+        check(value >= 0, key, f"must be >= 0, got {value}")
+    if errors:
+        return errors  # the rules below divide by these
+
+    check(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
+          f"n_heads ({m.n_heads}) must be a multiple of n_kv_heads ({m.n_kv_heads})")
+    if m.head_dim is None:
+        check(m.d_model % m.n_heads == 0, "model.head_dim",
+              f"unset, so d_model ({m.d_model}) must be divisible by n_heads ({m.n_heads}); or set it")
+    else:
+        check(m.head_dim > 0, "model.head_dim", f"must be positive, got {m.head_dim}")
+    check(m.resolved_head_dim % 2 == 0, "model.head_dim",
+          f"rotary embedding rotates pairs, so head_dim must be even, got {m.resolved_head_dim}")
+    if m.moe_every > 0:
+        check(m.n_experts >= 1, "model.n_experts", f"MoE layers need at least one expert, got {m.n_experts}")
+        check(1 <= m.top_k <= m.n_experts, "model.top_k",
+              f"must be between 1 and n_experts ({m.n_experts}), got {m.top_k}")
+        check(m.moe_every <= m.n_layers, "model.moe_every",
+              f"MoE step {m.moe_every} exceeds n_layers ({m.n_layers}): no layer would be MoE; use 0 for none")
+    if m.attn_chunk is not None:
+        check(m.attn_chunk > 0, "model.attn_chunk", f"must be positive or null, got {m.attn_chunk}")
+        if m.attn_chunk > 0 and m.attn_chunk < t.seq_len:
+            check(t.seq_len % m.attn_chunk == 0, "model.attn_chunk",
+                  f"chunk size {m.attn_chunk} must divide train.seq_len ({t.seq_len})")
+    if m.rope_scaling is not None:
+        r = m.rope_scaling
+        check(r.factor >= 1, "model.rope_scaling.factor", f"must be >= 1, got {r.factor}")
+        check(0 < r.low_freq_factor <= r.high_freq_factor, "model.rope_scaling.low_freq_factor",
+              f"need 0 < low_freq_factor <= high_freq_factor, got {r.low_freq_factor} > {r.high_freq_factor}")
+    check(m.floor_scale > 0, "model.floor_scale", f"must be positive, got {m.floor_scale}")
+    check(m.norm_eps > 0, "model.norm_eps", f"must be positive, got {m.norm_eps}")
+
+    check(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    check(o.warmup_steps <= t.steps, "optim.warmup_steps",
+          f"warmup ({o.warmup_steps}) is longer than the run (train.steps = {t.steps})")
+    check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1", f"Adam betas must be in [0, 1), got {o.b1}, {o.b2}")
+    if o.schedule == "wsd":
+        check(0 < o.decay_fraction <= 1, "optim.decay_fraction", f"must be in (0, 1], got {o.decay_fraction}")
+        decay_steps = int(round(o.decay_fraction * t.steps))
+        check(o.warmup_steps + decay_steps <= t.steps, "optim.decay_fraction",
+              f"warmup ({o.warmup_steps}) + decay ({decay_steps}) steps exceed train.steps ({t.steps})")
+    if t.grad_clip is not None:
+        check(t.grad_clip > 0, "train.grad_clip", f"must be positive or null, got {t.grad_clip}")
+    check(0 < cfg.data.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {cfg.data.val_fraction}")
+    for axis, size in cfg.mesh.axes.items():
+        check(size >= 1 or size == -1, f"mesh.{axis}", f"must be a positive size or -1, got {size}")
+    check(sum(size == -1 for size in cfg.mesh.axes.values()) <= 1, "mesh",
+          "at most one mesh axis may be -1 (it absorbs the remaining devices)")
+    return errors

@@ -1,0 +1,1 @@
+"""Data: corpora, tokenizers, packing into fixed-length sequences, and the Grain pipeline."""

@@ -1,0 +1,162 @@
+"""The Llama 4 text decoder: embeddings -> scanned groups of pre-norm blocks -> final norm -> untied head.
+
+The layer pattern (which layers are NoPE, which are MoE) repeats every `pattern_period` layers, so the
+decoder stacks whole periods ("groups") along a leading `layers` axis and runs them with one `lax.scan`:
+compile time stays flat in depth. Layers left over when the period does not divide the depth form an
+unscanned tail group whose layers follow the same pattern.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from maxllama.config.schema import ModelConfig
+from maxllama.metap import Parametrization
+from maxllama.model.attention import Attention
+from maxllama.model.feedforward import SwiGLU
+from maxllama.model.moe import MoE, MoEStats
+from maxllama.model.norm import RMSNorm
+from maxllama.model.param import matrix
+from maxllama.parallel.rules import LogicalSharding
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole group in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class LayerKind(NamedTuple):
+    use_rope: bool  # RoPE + chunked local attention; otherwise NoPE + global attention
+    moe: bool
+
+
+def layer_kinds(cfg: ModelConfig) -> list[LayerKind]:
+    return [LayerKind(not cfg.is_nope(i), cfg.is_moe(i)) for i in range(cfg.n_layers)]
+
+
+class Block(nnx.Module):
+    """h = x + attention(norm(x)); out = h + ffn(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig, kind: LayerKind, *, parametrization: Parametrization,
+                 sharding: LogicalSharding, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
+        self.attention = Attention(cfg, use_rope=kind.use_rope, parametrization=parametrization,
+                                   sharding=sharding, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
+        self.ffn = (MoE(cfg, parametrization=parametrization, rngs=rngs) if kind.moe else
+                    SwiGLU(cfg.d_model, cfg.d_ff, parametrization=parametrization, param_dtype=pdt, rngs=rngs))
+        self.residual_multiplier = parametrization.residual_multiplier
+
+    def __call__(self, x, positions, segment_ids) -> tuple[jax.Array, MoEStats | None]:
+        h = x + self.residual_multiplier * self.attention(self.attention_norm(x), positions, segment_ids)
+        ffn_out = self.ffn(self.ffn_norm(h))
+        ffn_out, stats = ffn_out if isinstance(self.ffn, MoE) else (ffn_out, None)
+        return h + self.residual_multiplier * ffn_out, stats
+
+
+class LayerGroup(nnx.Module):
+    """Consecutive blocks, one pattern period (or the tail); returns the MoE stats of its MoE layers."""
+
+    def __init__(self, cfg: ModelConfig, kinds: Sequence[LayerKind], *, parametrization: Parametrization,
+                 sharding: LogicalSharding, rngs: nnx.Rngs):
+        self.blocks = nnx.List([Block(cfg, kind, parametrization=parametrization, sharding=sharding, rngs=rngs)
+                                for kind in kinds])
+        self.sharding = sharding
+
+    def __call__(self, x, positions, segment_ids) -> tuple[jax.Array, MoEStats | None]:
+        all_stats = []
+        for block in self.blocks:
+            x, stats = block(x, positions, segment_ids)
+            x = self.sharding.constrain(x, ("batch", "seq", "embed"))
+            if stats is not None:
+                all_stats.append(stats)
+        stacked = jax.tree.map(lambda *s: jnp.stack(s), *all_stats) if all_stats else None
+        return x, stacked
+
+
+def _stack_groups(cfg, kinds, n_groups, parametrization, sharding, rngs) -> LayerGroup:
+    """n_groups identical-shaped groups with parameters stacked on a leading `layers` axis."""
+
+    @nnx.split_rngs(splits=n_groups)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs: nnx.Rngs) -> LayerGroup:
+        return LayerGroup(cfg, kinds, parametrization=parametrization, sharding=sharding, rngs=rngs)
+
+    groups = create(rngs)
+    for _, variable in nnx.iter_graph(groups):
+        if isinstance(variable, nnx.Param):
+            variable.set_metadata("logical_axes", ("layers",) + variable.get_metadata("logical_axes"))
+    return groups
+
+
+class DecoderOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V] fp32
+    moe: MoEStats | None  # per MoE layer: losses [L_moe], expert_load [L_moe, E]
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, parametrization: Parametrization, sharding: LogicalSharding,
+                 rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        d, v = cfg.d_model, cfg.vocab_size
+        self.cfg = cfg
+        self.sharding = sharding
+        self.embed = matrix(rngs, (v, d), ("vocab", "embed"), role="embedding", fan_in=v,
+                            parametrization=parametrization, dtype=pdt)
+        kinds = layer_kinds(cfg)
+        period = cfg.pattern_period if cfg.scan_layers else 1
+        n_groups, n_tail = divmod(cfg.n_layers, period)
+        group_args = dict(parametrization=parametrization, sharding=sharding)
+        self.groups = (_stack_groups(cfg, kinds[:period], n_groups, rngs=rngs, **group_args)
+                       if cfg.scan_layers and n_groups else None)
+        self.unscanned = nnx.List(
+            [] if cfg.scan_layers else [LayerGroup(cfg, [k], rngs=rngs, **group_args) for k in kinds])
+        self.tail = (LayerGroup(cfg, kinds[n_groups * period:], rngs=rngs, **group_args)
+                     if cfg.scan_layers and n_tail else None)
+        self.final_norm = RMSNorm(d, cfg.norm_eps, pdt)
+        self.lm_head = matrix(rngs, (d, v), ("embed", "vocab"), role="readout", fan_in=d,
+                              parametrization=parametrization, dtype=pdt)
+        self.output_multiplier = parametrization.output_multiplier
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> DecoderOutput:
+        """tokens, positions, segment_ids: [B, T] ints. Positions default to 0..T-1, one document per row."""
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.compute_dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        if segment_ids is None:
+            segment_ids = jnp.zeros_like(tokens)
+        x = self.embed.value.astype(dt)[tokens]
+        x = self.sharding.constrain(x, ("batch", "seq", "embed"))
+        stats = []
+        if self.groups is not None:
+            x, group_stats = self._scan_groups(x, positions, segment_ids)
+            stats.append(group_stats)
+        for group in list(self.unscanned) + ([self.tail] if self.tail is not None else []):
+            x, group_stats = group(x, positions, segment_ids)
+            stats.append(group_stats)
+        x = self.final_norm(x)
+        logits = (x @ self.lm_head.value.astype(dt)).astype(jnp.float32) * self.output_multiplier
+        logits = self.sharding.constrain(logits, ("batch", "seq", "vocab"))
+        stats = [s for s in stats if s is not None]
+        moe = jax.tree.map(lambda *s: jnp.concatenate(s), *stats) if stats else None
+        return DecoderOutput(logits, moe)
+
+    def _scan_groups(self, x, positions, segment_ids):
+        graphdef, state = nnx.split(self.groups)
+
+        def body(carry, group_state):
+            return nnx.merge(graphdef, group_state)(carry, positions, segment_ids)
+
+        if self.cfg.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+        x, stats = jax.lax.scan(body, x, state)
+        # Scanned stats are [groups, moe layers per group, ...]: flatten to one row per MoE layer, in order.
+        return x, jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stats) if stats is not None else None

@@ -1,0 +1,102 @@
+"""Llama 4 mixture-of-experts feed-forward.
+
+The router picks the top-k experts per token by logit; the sigmoid of the chosen logits scales each
+expert's *input* (not its output; no softmax, no renormalisation); an always-on shared expert is added.
+Two dispatches give the same result: `dense` runs every expert on every token (unchosen experts see a
+zero input, hence give zero), `dropless` sorts the token copies by expert and runs one grouped matmul
+(`jax.lax.ragged_dot`), doing only the active experts' work.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from maxllama.config.schema import ModelConfig
+from maxllama.metap import Parametrization
+from maxllama.model.feedforward import SwiGLU
+from maxllama.model.param import matrix
+
+
+class Routing(NamedTuple):
+    logits: jax.Array  # [N, E] fp32 router logits
+    experts: jax.Array  # [N, k] chosen expert ids
+    scores: jax.Array  # [N, k] sigmoid of the chosen logits: the scale of each expert's input
+
+
+class MoEStats(NamedTuple):
+    load_balance_loss: jax.Array  # Switch-style: E * sum_e (fraction routed to e) * (mean router prob of e)
+    router_z_loss: jax.Array  # mean squared log-partition of the router logits
+    expert_load: jax.Array  # [E] fraction of token copies routed to each expert
+
+
+def route(tokens: jax.Array, router: jax.Array, top_k: int) -> Routing:
+    logits = tokens.astype(jnp.float32) @ router.astype(jnp.float32)
+    top_logits, experts = jax.lax.top_k(logits, top_k)
+    return Routing(logits, experts, jax.nn.sigmoid(top_logits))
+
+
+def routing_stats(routing: Routing, n_experts: int) -> MoEStats:
+    counts = jnp.zeros((n_experts,), jnp.float32).at[routing.experts.reshape(-1)].add(1.0)
+    load = counts / routing.experts.size
+    mean_prob = jnp.mean(jax.nn.softmax(routing.logits, axis=-1), axis=0)
+    z = jax.nn.logsumexp(routing.logits, axis=-1)
+    return MoEStats(n_experts * jnp.sum(load * mean_prob), jnp.mean(z * z), load)
+
+
+def dense_scores(routing: Routing, n_experts: int) -> jax.Array:
+    """[N, E] input scale per expert: sigmoid(logit) for chosen experts, 0 elsewhere."""
+    n = routing.experts.shape[0]
+    return jnp.zeros((n, n_experts), routing.scores.dtype).at[jnp.arange(n)[:, None], routing.experts].set(routing.scores)
+
+
+def experts_dense(tokens, routing, gate, up, down):
+    """Reference dispatch: every expert on every token (LLAMA4_SPEC's 'computes every expert densely')."""
+    scores = dense_scores(routing, gate.shape[0]).astype(tokens.dtype)
+    x = tokens[None] * scores.T[:, :, None]  # [E, N, D]
+    hidden = jax.nn.silu(jnp.einsum("end,edf->enf", x, gate)) * jnp.einsum("end,edf->enf", x, up)
+    return jnp.einsum("enf,efd->nd", hidden, down)
+
+
+def experts_dropless(tokens, routing, gate, up, down):
+    """Sort the N*k token copies by expert, one grouped matmul per projection, scatter-add back."""
+    n, k = routing.experts.shape
+    flat_experts = routing.experts.reshape(-1)
+    order = jnp.argsort(flat_experts, stable=True)
+    token_of_copy = order // k
+    x = tokens[token_of_copy] * routing.scores.reshape(-1)[order][:, None].astype(tokens.dtype)
+    group_sizes = jnp.bincount(flat_experts, length=gate.shape[0]).astype(jnp.int32)
+    hidden = jax.nn.silu(jax.lax.ragged_dot(x, gate, group_sizes)) * jax.lax.ragged_dot(x, up, group_sizes)
+    y = jax.lax.ragged_dot(hidden, down, group_sizes)
+    return jnp.zeros_like(tokens).at[token_of_copy].add(y)
+
+
+DISPATCH = {"dense": experts_dense, "dropless": experts_dropless}
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, parametrization: Parametrization, rngs: nnx.Rngs):
+        d, f, e = cfg.d_model, cfg.d_ff_expert, cfg.n_experts
+        pdt = jnp.dtype(cfg.param_dtype)
+        make = dict(parametrization=parametrization, dtype=pdt)
+        self.router = matrix(rngs, (d, e), ("embed", "expert"), role="router", fan_in=d, **make)
+        self.gate = matrix(rngs, (e, d, f), ("expert", "embed", "mlp"), role="hidden", fan_in=d, **make)
+        self.up = matrix(rngs, (e, d, f), ("expert", "embed", "mlp"), role="hidden", fan_in=d, **make)
+        self.down = matrix(rngs, (e, f, d), ("expert", "mlp", "embed"), role="hidden", fan_in=f, **make)
+        self.shared = (SwiGLU(d, f, parametrization=parametrization, param_dtype=pdt, rngs=rngs)
+                       if cfg.shared_expert else None)
+        self.top_k = cfg.top_k
+        self.dispatch = cfg.moe_dispatch
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, MoEStats]:
+        dt = x.dtype
+        tokens = x.reshape(-1, x.shape[-1])
+        routing = route(tokens, self.router.value, self.top_k)
+        weights = (self.gate.value.astype(dt), self.up.value.astype(dt), self.down.value.astype(dt))
+        out = DISPATCH[self.dispatch](tokens, routing, *weights)
+        if self.shared is not None:
+            out = out + self.shared(tokens)
+        return out.reshape(x.shape), routing_stats(routing, self.router.shape[-1])

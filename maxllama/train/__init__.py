@@ -1,0 +1,1 @@
+"""Training: optimizer, schedules, loss, the jit-compiled step, metrics, FLOPs and the loop."""

@@ -1,0 +1,156 @@
+"""The training loop: build everything from the config, then step, log, evaluate and checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from pathlib import Path
+
+import jax
+from tqdm import tqdm
+
+from maxllama.checkpoint.manager import Checkpointer, step_to_resume
+from maxllama.config import ConfigError, dump_config
+from maxllama.config.schema import Config
+from maxllama.data.pipeline import build_datasets, unigram_entropy
+from maxllama.model.build import define_model, init_params
+from maxllama.model.param_count import count_params
+from maxllama.parallel.mesh import build_mesh
+from maxllama.parallel.rules import LogicalSharding, make_rules
+from maxllama.train.flops import train_flops_per_token
+from maxllama.train.metrics import MetricsLog
+from maxllama.train.optimizer import build_optimizer
+from maxllama.train.peak import peak_flops_per_device
+from maxllama.train.schedules import make_schedule
+from maxllama.train.step import compile_steps, init_state
+
+
+@dataclasses.dataclass
+class TrainSummary:
+    final_step: int
+    val_loss: float
+    unigram_entropy: float
+    tokens_per_s: float
+    mfu: float
+    step_time_s: float
+    compile_time_s: float
+    peak_memory_gb: float
+    params_total: int
+    params_active: int
+
+
+def evaluate(eval_step, params, batches, batch_sharding) -> float:
+    totals = [eval_step(params, jax.device_put(b, batch_sharding)) for b in batches]
+    nll, count = (sum(float(t[i]) for t in totals) for i in range(2))
+    return nll / max(count, 1.0)
+
+
+def peak_memory_gb() -> float:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # host process peak RSS (KB -> GB)
+
+
+def train(cfg: Config, *, log=print) -> TrainSummary:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+
+    mesh = build_mesh(cfg.mesh)
+    sharding = LogicalSharding(mesh, make_rules(cfg.mesh.rules))
+    data = build_datasets(cfg)
+    if cfg.model.vocab_size < data.tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{data.tokenizer.vocab_size} tokens")
+    model = define_model(cfg, sharding)
+    counts = count_params(cfg, model)
+    schedule = make_schedule(cfg.optim, cfg.train.steps)
+    optimizer = build_optimizer(cfg, model.metadata, model.parametrization, schedule)
+    checkpointer = Checkpointer(run_dir / "checkpoints", every_steps=cfg.checkpoint.every_steps,
+                                keep=cfg.checkpoint.keep)
+    resume_step = step_to_resume(checkpointer, cfg.resume)
+    state = init_state(init_params(cfg, model, sharding), optimizer)
+    if resume_step is not None:
+        state = checkpointer.restore(resume_step, state)
+        log(f"resumed from {checkpointer.manager.directory}/{resume_step}")
+    start = int(state.step)
+
+    batch_sharding = sharding.named(("batch", "seq"))
+    train_step, eval_step = compile_steps(cfg, model, optimizer, schedule, state, batch_sharding)
+    t0 = time.perf_counter()
+    train_step = train_step.lower(state, data.train[start]).compile()
+    compile_time = time.perf_counter() - t0
+
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    flops_per_token = train_flops_per_token(cfg.model, cfg.train.seq_len)
+    peak, peak_source = peak_flops_per_device(cfg.model.compute_dtype)
+    peak_total = peak * mesh.size
+    entropy = unigram_entropy(data.validation)
+    log(f"model: {counts.total / 1e6:.2f}M parameters, {counts.active / 1e6:.2f}M active per token; "
+        f"{flops_per_token / 1e6:.1f} MFLOPs per token")
+    log(f"data: {data.n_train_files} train files ({data.train_tokens / 1e6:.1f}M tokens), "
+        f"{data.n_validation_files} validation files; mesh {dict(mesh.shape)}; peak {peak / 1e9:.1f} GFLOP/s "
+        f"per device ({peak_source}); compiled in {compile_time:.1f}s")
+    log(f"run directory: {run_dir}  (metrics.jsonl, tensorboard/, checkpoints/)")
+
+    metrics_log = MetricsLog(run_dir, resume_step=start, tensorboard=cfg.logging.tensorboard)
+    progress = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.logging.progress,
+                    unit="step", dynamic_ncols=True)
+    pending: list[tuple[int, dict]] = []  # device metrics not yet fetched: fetching every step would sync
+    val_losses: dict[int, float] = {}
+    intervals: list[tuple[int, float]] = []  # (steps, seconds) between flushes, evaluation time excluded
+    interval_start, data_wait, val_loss = time.perf_counter(), 0.0, float("nan")
+
+    def flush() -> None:
+        nonlocal interval_start, data_wait
+        rows = jax.device_get(pending)
+        elapsed = time.perf_counter() - interval_start
+        intervals.append((len(rows), elapsed))
+        tokens_per_s = tokens_per_step * len(rows) / elapsed
+        mfu = tokens_per_s * flops_per_token / peak_total
+        for step, metrics in rows:
+            metrics_log.write({"step": step, **metrics, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                               "step_time_s": elapsed / len(rows), "data_wait_s": data_wait / len(rows),
+                               "tokens_seen": step * tokens_per_step, **({"val_loss": val_losses.pop(step)}
+                                                                         if step in val_losses else {})})
+        metrics_log.flush()
+        progress.set_postfix(loss=f"{float(rows[-1][1]['loss']):.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                             mfu=f"{mfu:.1%}")
+        pending.clear()
+        interval_start, data_wait = time.perf_counter(), 0.0
+
+    batches = iter(data.train[start:].to_iter_dataset())
+    try:
+        for step in range(start + 1, cfg.train.steps + 1):
+            t_wait = time.perf_counter()
+            batch = jax.device_put(next(batches), batch_sharding)
+            data_wait += time.perf_counter() - t_wait
+            state, metrics = train_step(state, batch)
+            pending.append((step, metrics))
+            progress.update(1)
+            last = step == cfg.train.steps
+            if step % cfg.train.eval_every == 0 or last:
+                jax.block_until_ready(state)
+                t_eval = time.perf_counter()
+                val_loss = val_losses[step] = evaluate(eval_step, state.params, data.validation, batch_sharding)
+                interval_start += time.perf_counter() - t_eval
+                progress.write(f"step {step}: val_loss {val_loss:.4f}  (unigram entropy {entropy:.4f})")
+            if step % cfg.train.log_every == 0 or step in val_losses or last:
+                flush()
+            checkpointer.save(state, force=last)
+    finally:
+        progress.close()
+        metrics_log.close()
+        checkpointer.close()
+
+    measured = intervals[1:] or intervals  # the first interval pays for warm-up
+    n = sum(steps for steps, _ in measured) or 1
+    elapsed = sum(seconds for _, seconds in measured)
+    tokens_per_s = tokens_per_step * n / elapsed if elapsed else float("nan")
+    return TrainSummary(
+        final_step=int(state.step), val_loss=val_loss, unigram_entropy=entropy, tokens_per_s=tokens_per_s,
+        mfu=tokens_per_s * flops_per_token / peak_total, step_time_s=elapsed / n, compile_time_s=compile_time,
+        peak_memory_gb=peak_memory_gb(), params_total=counts.total, params_active=counts.active)
+

@@ -1,0 +1,63 @@
+"""Where metrics go: `metrics.jsonl` (one object per step), TensorBoard, and the console."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from tensorboardX import SummaryWriter
+
+
+def _plain(value: Any) -> Any:
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class MetricsLog:
+    """Appends rows to metrics.jsonl and mirrors the numbers to TensorBoard.
+
+    Opening a run that resumes from step s drops rows past s: they belong to work that was lost with the
+    process, and will be logged again.
+    """
+
+    def __init__(self, run_dir: Path, *, resume_step: int, tensorboard: bool):
+        self.path = run_dir / "metrics.jsonl"
+        self._truncate_after(resume_step)
+        self._file = self.path.open("a")
+        self._writer = SummaryWriter(str(run_dir / "tensorboard")) if tensorboard else None
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        row = {key: _plain(value) for key, value in row.items()}
+        self._file.write(json.dumps(row) + "\n")
+        if self._writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._writer.add_scalar(key, value, row["step"])
+
+    def flush(self) -> None:
+        self._file.flush()
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

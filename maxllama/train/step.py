@@ -1,0 +1,61 @@
+"""The jit-compiled train and eval steps over a pure-pytree train state."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from maxllama.config.schema import Config
+from maxllama.model.build import ModelDef, bind
+from maxllama.train.loss import next_token_nll, training_loss
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: dict
+    opt_state: Any
+
+
+def train_step_fn(cfg: Config, model: ModelDef, optimizer: optax.GradientTransformation,
+                  schedule: optax.Schedule) -> Callable:
+    def loss_fn(params, batch):
+        out = bind(model, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
+        return training_loss(out, batch, cfg.train)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics |= {"grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return train_step
+
+
+def eval_step_fn(model: ModelDef) -> Callable:
+    def eval_step(params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+        out = bind(model, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
+        return next_token_nll(out.logits, batch["targets"], batch["loss_mask"])
+
+    return eval_step
+
+
+def shardings_of(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def compile_steps(cfg: Config, model: ModelDef, optimizer, schedule, state: TrainState, batch_sharding):
+    """jit the steps with the state's shardings pinned, the old state donated (updated in place)."""
+    state_shardings = shardings_of(state)
+    train_step = jax.jit(train_step_fn(cfg, model, optimizer, schedule),
+                         in_shardings=(state_shardings, batch_sharding),
+                         out_shardings=(state_shardings, None), donate_argnums=0)
+    eval_step = jax.jit(eval_step_fn(model), in_shardings=(state_shardings.params, batch_sharding))
+    return train_step, eval_step
+
+
+def init_state(params: dict, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), params, jax.jit(optimizer.init)(params))
