@@ -17,18 +17,20 @@ class ResumeError(RuntimeError):
 
 class Checkpointer:
     def __init__(self, directory: Path, *, every_steps: int, keep: int):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               save_interval_steps=every_steps if every_steps else 2**62)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+        self.every_steps = every_steps
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, state: TrainState, *, force: bool = False) -> bool:
-        step = int(state.step)
-        if step in self.manager.all_steps():
+    def save(self, step: int, state: TrainState, *, force: bool = False) -> bool:
+        """Save when `step` is due (every `every_steps`, or forced); the step is passed in rather than read
+        from `state` so that deciding never waits for the device."""
+        due = force or (self.every_steps > 0 and step % self.every_steps == 0)
+        if not due or step in self.manager.all_steps():
             return False
-        return self.manager.save(step, args=ocp.args.StandardSave(state._asdict()), force=force)
+        return self.manager.save(step, args=ocp.args.StandardSave(state._asdict()), force=True)
 
     def restore(self, step: int, target: TrainState) -> TrainState:
         """Restore into the structure, dtypes and shardings of `target` (abstract or concrete)."""

@@ -139,7 +139,7 @@ def train(cfg: Config, *, log=print) -> TrainSummary:
                 progress.write(f"step {step}: val_loss {val_loss:.4f}  (unigram entropy {entropy:.4f})")
             if step % cfg.train.log_every == 0 or step in val_losses or last:
                 flush()
-            checkpointer.save(state, force=last)
+            checkpointer.save(step, state, force=last)
     finally:
         progress.close()
         metrics_log.close()

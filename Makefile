@@ -1,0 +1,37 @@
+# maxllama: `make train` and `make test` work on a fresh machine with only Python 3.11+.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= experiments/tiny.yaml
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install train test test-slow bench lint clean
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install maxllama with its dependencies
+
+train: $(STAMP)  ## train the default experiment; CONFIG=... and ARGS='key=value ...' change it
+	$(VENV)/bin/maxllama train $(CONFIG) $(ARGS)
+
+test: $(STAMP)  ## the fast test suite
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: $(STAMP)  ## the long tests only
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+bench: $(STAMP)  ## throughput, MFU, compile time and peak memory of the tiny model
+	$(VENV)/bin/maxllama train experiments/bench/tiny.yaml $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m pip install --quiet ruff
+	$(VENV)/bin/ruff check maxllama tests
+
+clean:
+	rm -rf runs .pytest_cache

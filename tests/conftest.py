@@ -1,0 +1,23 @@
+"""Shared small shapes so the suite compiles few functions and stays fast."""
+
+import pytest
+
+from maxllama.config import load_config
+
+# Exercises every layer kind: layers 1 and 3 are NoPE (global), 0 and 2 chunked RoPE; 1 and 3 MoE.
+SMALL_MODEL = [
+    "model.vocab_size=272", "model.d_model=32", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
+    "model.d_ff=48", "model.d_ff_expert=24", "model.n_experts=4", "model.top_k=2", "model.moe_every=2",
+    "model.nope_every=2", "model.attn_chunk=8", "model.floor_scale=4.0",
+    "train.seq_len=32", "train.batch_size=4",
+]
+
+
+def small_config(*overrides: str):
+    cfg, _ = load_config(None, [*SMALL_MODEL, *overrides])
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def small_cfg():
+    return small_config()

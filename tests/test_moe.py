@@ -1,0 +1,73 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from maxllama.metap import parametrization_for
+from maxllama.model.moe import MoE, dense_scores, experts_dense, experts_dropless, route, routing_stats
+from tests.conftest import small_config
+
+
+@pytest.fixture(scope="module")
+def moe_and_tokens():
+    cfg = small_config()
+    moe = MoE(cfg.model, parametrization=parametrization_for(cfg), rngs=nnx.Rngs(3))
+    tokens = jax.random.normal(jax.random.key(0), (2, 16, cfg.model.d_model))
+    return cfg, moe, tokens
+
+
+def test_routing_picks_top_k_and_zeroes_the_rest(moe_and_tokens):
+    cfg, moe, tokens = moe_and_tokens
+    flat = tokens.reshape(-1, tokens.shape[-1])
+    routing = route(flat, moe.router.value, cfg.model.top_k)
+    scores = np.asarray(dense_scores(routing, cfg.model.n_experts))
+    logits = np.asarray(flat @ moe.router.value)
+    assert ((scores > 0).sum(axis=1) == cfg.model.top_k).all()  # exactly top_k experts per token
+    for row, logit_row in zip(scores, logits):
+        chosen = np.argsort(-logit_row)[: cfg.model.top_k]
+        np.testing.assert_allclose(row[chosen], 1 / (1 + np.exp(-logit_row[chosen])), rtol=1e-5)
+        assert (np.delete(row, chosen) == 0).all()
+
+
+def test_router_score_scales_expert_input_not_output(moe_and_tokens):
+    cfg, moe, tokens = moe_and_tokens
+    flat = tokens.reshape(-1, tokens.shape[-1])[:1]
+    routing = route(flat, moe.router.value, cfg.model.top_k)
+    gate, up, down = moe.gate.value, moe.up.value, moe.down.value
+    expected = 0
+    for e, s in zip(np.asarray(routing.experts[0]), np.asarray(routing.scores[0])):
+        x = flat * s  # SwiGLU is not linear: scaling the input differs from scaling the output
+        expected += (jax.nn.silu(x @ gate[e]) * (x @ up[e])) @ down[e]
+    np.testing.assert_allclose(experts_dense(flat, routing, gate, up, down), expected, atol=1e-6)
+
+
+def test_dropless_dispatch_equals_dense_reference(moe_and_tokens):
+    cfg, moe, tokens = moe_and_tokens
+    flat = tokens.reshape(-1, tokens.shape[-1])
+    routing = route(flat, moe.router.value, cfg.model.top_k)
+    weights = moe.gate.value, moe.up.value, moe.down.value
+    np.testing.assert_allclose(experts_dropless(flat, routing, *weights), experts_dense(flat, routing, *weights),
+                               atol=1e-5)
+
+
+def test_shared_expert_is_always_on(moe_and_tokens):
+    cfg, moe, tokens = moe_and_tokens
+    out, _ = moe(tokens)
+    routed = experts_dense(tokens.reshape(-1, tokens.shape[-1]),
+                           route(tokens.reshape(-1, tokens.shape[-1]), moe.router.value, cfg.model.top_k),
+                           moe.gate.value, moe.up.value, moe.down.value)
+    np.testing.assert_allclose(out.reshape(-1, out.shape[-1]) - routed, moe.shared(tokens).reshape(routed.shape),
+                               atol=1e-5)
+
+
+def test_balance_loss_is_one_when_balanced_and_higher_when_collapsed():
+    n, e = 8, 4
+    uniform = route(jnp.eye(n, e) * 0, jnp.zeros((e, e)), 1)._replace(experts=jnp.arange(n)[:, None] % e)
+    assert float(routing_stats(uniform, e).load_balance_loss) == pytest.approx(1.0)
+    logits = jnp.tile(jnp.array([[5.0, 0, 0, 0]]), (n, 1))
+    collapsed = route(jnp.eye(n, e), jnp.zeros((e, e)), 1)._replace(logits=logits, experts=jnp.zeros((n, 1), int))
+    stats = routing_stats(collapsed, e)
+    assert float(stats.load_balance_loss) > 3.0
+    np.testing.assert_allclose(stats.expert_load, [1, 0, 0, 0])
+    np.testing.assert_allclose(stats.router_z_loss, jax.nn.logsumexp(logits[0]) ** 2, rtol=1e-6)
