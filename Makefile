@@ -27,6 +27,7 @@ test-slow: $(STAMP)  ## the long tests only
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 bench: $(STAMP)  ## throughput, MFU, compile time and peak memory of the tiny model
+	rm -rf runs/bench/bench-tiny
 	$(VENV)/bin/maxllama train experiments/bench/tiny.yaml $(ARGS)
 
 lint: $(STAMP)

@@ -50,8 +50,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
     ratio = summary.val_loss / summary.unigram_entropy
     print(f"final validation loss {summary.val_loss:.4f} nats/token = {ratio:.1%} of the byte unigram entropy "
           f"{summary.unigram_entropy:.4f} of the same validation data")
-    print(f"throughput {summary.tokens_per_s:,.0f} tokens/s, MFU {summary.mfu:.1%}, step {summary.step_time_s * 1e3:.0f} ms, "
-          f"compile {summary.compile_time_s:.1f} s, peak memory {summary.peak_memory_gb:.2f} GB")
+    if summary.tokens_per_s == summary.tokens_per_s:  # not NaN: some steps ran
+        print(f"throughput {summary.tokens_per_s:,.0f} tokens/s, MFU {summary.mfu:.1%}, step {summary.step_time_s * 1e3:.0f} ms, "
+              f"compile {summary.compile_time_s:.1f} s, peak memory {summary.peak_memory_gb:.2f} GB")
     print(f"metrics: {cfg.run_dir}/metrics.jsonl; curves: tensorboard --logdir {cfg.run_dir}/tensorboard")
     return 0
 

@@ -25,6 +25,8 @@ def trained(tmp_path_factory):
     logs = []
     first = train(small_config(*TRAIN_ARGS, "train.steps=20", f"run.dir={run_dir}"), log=logs.append)
     second = train(small_config(*TRAIN_ARGS, "train.steps=30", f"run.dir={run_dir}"), log=logs.append)
+    finished = train(small_config(*TRAIN_ARGS, "train.steps=30", f"run.dir={run_dir}"), log=logs.append)
+    assert finished.val_loss == pytest.approx(second.val_loss, rel=1e-5)  # a finished run only re-evaluates
     return run_dir, first, second, logs
 
 
@@ -54,6 +56,7 @@ def test_metrics_rows_follow_the_run_directory_contract(trained):
 def test_rerunning_the_command_resumes(trained):
     run_dir, _, _, logs = trained
     assert any("resumed from" in line and line.endswith("/20") for line in logs)
+    assert any("already reached train.steps=30" in line for line in logs)
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())[-1] == 30
 
 

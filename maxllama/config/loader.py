@@ -93,7 +93,6 @@ def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any
 
 
 def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, str]]:
-    path = path.resolve() if path.is_absolute() else path
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base:' chain loops back to itself")
     data, origins = _read_yaml(path)

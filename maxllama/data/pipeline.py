@@ -12,6 +12,7 @@ import dataclasses
 import grain
 import numpy as np
 
+from maxllama.config import ConfigError
 from maxllama.config.schema import Config
 from maxllama.data.corpus import split_files, stdlib_files, stdlib_root
 from maxllama.data.packing import PackedStream
@@ -42,13 +43,13 @@ def build_datasets(cfg: Config) -> Datasets:
     train_stream = PackedStream(_read_documents(split.train, tokenizer), tokenizer.eos_id, t)
     val_stream = PackedStream(_read_documents(split.validation, tokenizer), tokenizer.eos_id, t)
     if len(train_stream) < b:
-        raise ValueError(f"train.batch_size: the corpus has only {len(train_stream)} training sequences of "
+        raise ConfigError(f"train.batch_size: the corpus has only {len(train_stream)} training sequences of "
                          f"{t} tokens, fewer than one batch of {b}")
     train = (grain.MapDataset.range(len(train_stream)).shuffle(seed=cfg.seed % 2**32).repeat()
              .map(train_stream.window).batch(b, drop_remainder=True))
     n_val = min(len(val_stream) // b, cfg.train.eval_batches) * b
     if n_val == 0:
-        raise ValueError(f"data.val_fraction: the held-out files give {len(val_stream)} sequences, "
+        raise ConfigError(f"data.val_fraction: the held-out files give {len(val_stream)} sequences, "
                          f"fewer than one batch of {b}")
     picks = np.linspace(0, len(val_stream) - 1, n_val).round().astype(int)
     windows = [val_stream.window(int(i)) for i in picks]

@@ -121,6 +121,9 @@ def train(cfg: Config, *, log=print) -> TrainSummary:
         pending.clear()
         interval_start, data_wait = time.perf_counter(), 0.0
 
+    if start >= cfg.train.steps:
+        log(f"the run already reached train.steps={cfg.train.steps}; raise train.steps to train further")
+        val_loss = evaluate(eval_step, state.params, data.validation, batch_sharding)
     batches = iter(data.train[start:].to_iter_dataset())
     try:
         for step in range(start + 1, cfg.train.steps + 1):
@@ -146,11 +149,11 @@ def train(cfg: Config, *, log=print) -> TrainSummary:
         checkpointer.close()
 
     measured = intervals[1:] or intervals  # the first interval pays for warm-up
-    n = sum(steps for steps, _ in measured) or 1
+    n = sum(steps for steps, _ in measured)
     elapsed = sum(seconds for _, seconds in measured)
-    tokens_per_s = tokens_per_step * n / elapsed if elapsed else float("nan")
+    tokens_per_s = tokens_per_step * n / elapsed if n else float("nan")
     return TrainSummary(
         final_step=int(state.step), val_loss=val_loss, unigram_entropy=entropy, tokens_per_s=tokens_per_s,
-        mfu=tokens_per_s * flops_per_token / peak_total, step_time_s=elapsed / n, compile_time_s=compile_time,
+        mfu=tokens_per_s * flops_per_token / peak_total, step_time_s=elapsed / n if n else float("nan"), compile_time_s=compile_time,
         peak_memory_gb=peak_memory_gb(), params_total=counts.total, params_active=counts.active)
 
