@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PARITY_STAMP := $(VENV)/.installed-parity
 CONFIG ?= experiments/tiny.yaml
 ARGS ?=
 PYTEST_ARGS ?=
@@ -15,15 +16,20 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
+# torch + transformers, only for the tests that compare logits with the Hugging Face reference.
+$(PARITY_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,parity]'
+	@touch $(PARITY_STAMP)
+
 install: $(STAMP)  ## create .venv and install maxllama with its dependencies
 
 train: $(STAMP)  ## train the default experiment; CONFIG=... and ARGS='key=value ...' change it
 	$(VENV)/bin/maxllama train $(CONFIG) $(ARGS)
 
-test: $(STAMP)  ## the fast test suite
+test: $(PARITY_STAMP)  ## the fast test suite
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-slow: $(STAMP)  ## the long tests only
+test-slow: $(PARITY_STAMP)  ## the long tests only
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 bench: $(STAMP)  ## throughput, MFU, compile time and peak memory of the tiny model

@@ -19,17 +19,17 @@ def test_byte_tokenizer_round_trips_and_reserves_special_tokens():
 
 
 def test_packing_windows_carry_segments_positions_and_mask():
-    docs = [np.arange(10, 15), np.arange(20, 23), np.arange(30, 40)]  # lengths 5, 3, 10 (+ EOS each)
-    stream = PackedStream(docs, eos_id=1, seq_len=8)
-    assert len(stream) == (6 + 4 + 11 - 1) // 8
+    docs = [np.arange(10, 15), np.arange(20, 23), np.arange(30, 40)]  # lengths 5, 3, 10 (+ BOS and EOS each)
+    stream = PackedStream(docs, bos_id=0, eos_id=1, seq_len=8)
+    assert len(stream) == (7 + 5 + 12 - 1) // 8
     w = stream.window(0)
-    np.testing.assert_array_equal(w["inputs"], [10, 11, 12, 13, 14, 1, 20, 21])
-    np.testing.assert_array_equal(w["targets"], [11, 12, 13, 14, 1, 20, 21, 22])
-    np.testing.assert_array_equal(w["segment_ids"], [1, 1, 1, 1, 1, 1, 2, 2])
-    np.testing.assert_array_equal(w["positions"], [0, 1, 2, 3, 4, 5, 0, 1])
-    np.testing.assert_array_equal(w["loss_mask"], [1, 1, 1, 1, 1, 0, 1, 1])  # EOS -> next document: masked
+    np.testing.assert_array_equal(w["inputs"], [0, 10, 11, 12, 13, 14, 1, 0])
+    np.testing.assert_array_equal(w["targets"], [10, 11, 12, 13, 14, 1, 0, 20])
+    np.testing.assert_array_equal(w["segment_ids"], [1, 1, 1, 1, 1, 1, 1, 2])
+    np.testing.assert_array_equal(w["positions"], [0, 1, 2, 3, 4, 5, 6, 0])
+    np.testing.assert_array_equal(w["loss_mask"], [1, 1, 1, 1, 1, 1, 0, 1])  # EOS -> next BOS: masked
     w1 = stream.window(1)
-    assert w1["inputs"][0] == 22 and w1["positions"][0] == 2 and w1["segment_ids"][0] == 1
+    assert w1["inputs"][0] == 20 and w1["positions"][0] == 1 and w1["segment_ids"][0] == 1
 
 
 def test_split_by_file_is_stable_and_disjoint():

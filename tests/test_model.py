@@ -134,3 +134,16 @@ def test_published_sizes_without_allocation(name, total, active):
     assert abs(counts.total - total) / total < 0.01
     assert round(counts.active / 1e9) == active / 1e9  # published to whole billions: 17.17B
     assert abs(counts.active - active) / active < 0.011
+
+
+def test_packed_documents_equal_documents_run_one_by_one(small):
+    cfg, model, params = small
+    decoder = bind(model, params)
+    lengths = [13, 19]  # crosses chunk (8) boundaries inside each document, and the document boundary
+    docs = [jax.random.randint(jax.random.key(i), (1, n), 0, cfg.model.vocab_size) for i, n in enumerate(lengths)]
+    packed = jnp.concatenate(docs, axis=1)
+    positions = jnp.concatenate([jnp.arange(n) for n in lengths])[None]
+    segments = jnp.concatenate([jnp.full((n,), i + 1) for i, n in enumerate(lengths)])[None]
+    together = decoder(packed, positions, segments).logits
+    alone = jnp.concatenate([decoder(doc).logits for doc in docs], axis=1)
+    np.testing.assert_allclose(together, alone, atol=1e-5)

@@ -58,8 +58,11 @@ class ModelConfig(Section):
     remat: Literal["none", "full", "dots", "dots_no_batch"] = Field(
         "none", description="Rematerialisation of each scanned layer group: what the backward pass keeps.")
     scan_layers: bool = Field(True, description="Scan over repeating layer groups (compile time flat in depth).")
-    moe_dispatch: Literal["dense", "dropless"] = Field(
-        "dropless", description="'dense': every expert sees every token; 'dropless': sorted grouped matmul.")
+    moe_dispatch: Literal["dense", "dropless", "capacity"] = Field(
+        "dropless", description="'dense': every expert sees every token; 'dropless': sorted grouped matmul; "
+                                "'capacity': fixed per-expert buffers, overflow dropped and counted.")
+    moe_capacity_factor: float = Field(
+        1.25, description="'capacity' dispatch: slots per expert as a multiple of an even share of the tokens.")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -153,6 +156,8 @@ class Config(Section):
     seed: int = Field(0, description="Seed of initialisation and data order.")
     resume: Literal["auto", "never", "require"] = Field(
         "auto", description="auto: resume if a checkpoint exists; never: start fresh; require: fail without one.")
+    init_from: Optional[str] = Field(
+        None, description="Start from this model directory's parameters (not its optimizer or data state).")
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
     vision: VisionConfig = VisionConfig()
@@ -220,6 +225,7 @@ def validate_consistency(cfg: Config) -> list[tuple[str, str]]:
         check(r.factor >= 1, "model.rope_scaling.factor", f"must be >= 1, got {r.factor}")
         check(0 < r.low_freq_factor <= r.high_freq_factor, "model.rope_scaling.low_freq_factor",
               f"need 0 < low_freq_factor <= high_freq_factor, got {r.low_freq_factor} > {r.high_freq_factor}")
+    check(m.moe_capacity_factor > 0, "model.moe_capacity_factor", f"must be positive, got {m.moe_capacity_factor}")
     check(m.floor_scale > 0, "model.floor_scale", f"must be positive, got {m.floor_scale}")
     check(m.norm_eps > 0, "model.norm_eps", f"must be positive, got {m.norm_eps}")
 

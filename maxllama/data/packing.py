@@ -1,4 +1,4 @@
-"""Concatenate-and-split packing: documents (each ending in EOS) laid end to end, cut into windows.
+"""Concatenate-and-split packing: documents (each as BOS, tokens, EOS) laid end to end, cut into windows.
 
 Window i covers tokens [i*T, i*T + T] of the stream (T+1 tokens: inputs and next-token targets). Each
 token also gets its document's segment id and its position inside that document, so attention never
@@ -12,12 +12,13 @@ import numpy as np
 
 
 class PackedStream:
-    def __init__(self, documents: list[np.ndarray], eos_id: int, seq_len: int):
-        lengths = np.array([len(d) + 1 for d in documents], dtype=np.int64)
+    def __init__(self, documents: list[np.ndarray], bos_id: int, eos_id: int, seq_len: int):
+        lengths = np.array([len(d) + 2 for d in documents], dtype=np.int64)
         self.tokens = np.empty(int(lengths.sum()), dtype=np.int32)
         self.doc_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         for doc, start, length in zip(documents, self.doc_starts, lengths):
-            self.tokens[start:start + length - 1] = doc
+            self.tokens[start] = bos_id
+            self.tokens[start + 1:start + length - 1] = doc
             self.tokens[start + length - 1] = eos_id
         self.seq_len = seq_len
 

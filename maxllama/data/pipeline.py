@@ -40,8 +40,8 @@ def build_datasets(cfg: Config) -> Datasets:
     root = stdlib_root()
     split = split_files(stdlib_files(root), root, cfg.data.val_fraction)
     t, b = cfg.train.seq_len, cfg.train.batch_size
-    train_stream = PackedStream(_read_documents(split.train, tokenizer), tokenizer.eos_id, t)
-    val_stream = PackedStream(_read_documents(split.validation, tokenizer), tokenizer.eos_id, t)
+    train_stream = PackedStream(_read_documents(split.train, tokenizer), tokenizer.bos_id, tokenizer.eos_id, t)
+    val_stream = PackedStream(_read_documents(split.validation, tokenizer), tokenizer.bos_id, tokenizer.eos_id, t)
     if len(train_stream) < b:
         raise ConfigError(f"train.batch_size: the corpus has only {len(train_stream)} training sequences of "
                          f"{t} tokens, fewer than one batch of {b}")

@@ -7,17 +7,26 @@ queries up with log position so attention stays sharp at long context.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from maxllama.config.schema import ModelConfig
 from maxllama.metap import Parametrization
-from maxllama.model.masks import chunked_causal_mask
+from maxllama.model.masks import attention_mask, chunked_causal_mask
 from maxllama.model.norm import rms_normalize
 from maxllama.model.param import matrix
 from maxllama.model.rope import apply_rope, rope_frequencies
 from maxllama.parallel.rules import LogicalSharding
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every position decoded so far: [B, max_len, kv_heads, head_dim] each."""
+
+    k: jax.Array
+    v: jax.Array
 
 
 def temperature_scale(positions: jax.Array, attn_scale: float, floor_scale: float) -> jax.Array:
@@ -41,7 +50,11 @@ class Attention(nnx.Module):
         self.scale = parametrization.attention_scale(hd)
         self.sharding = sharding
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 cache: KVCache | None = None, cache_index: jax.Array | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        """Self-attention over x; with a cache, x continues the cached sequence at `cache_index` (one
+        document per row, positions = indices) and the updated cache is returned."""
         cfg, dt = self.cfg, x.dtype
         q = jnp.einsum("btd,dhk->bthk", x, self.q.value.astype(dt))
         k = jnp.einsum("btd,dhk->bthk", x, self.k.value.astype(dt))
@@ -53,15 +66,22 @@ class Attention(nnx.Module):
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
             if cfg.qk_norm:
                 q, k = rms_normalize(q, cfg.norm_eps), rms_normalize(k, cfg.norm_eps)
-            mask = chunked_causal_mask(segment_ids, positions, cfg.attn_chunk)
+        elif cfg.attn_temperature_tuning:
+            scale = temperature_scale(positions, cfg.attn_scale, cfg.floor_scale)
+            q = (q.astype(jnp.float32) * scale[:, :, None, None]).astype(dt)
+        chunk = cfg.attn_chunk if self.use_rope else None
+        if cache is None:
+            mask = chunked_causal_mask(segment_ids, positions, chunk)
         else:
-            if cfg.attn_temperature_tuning:
-                scale = temperature_scale(positions, cfg.attn_scale, cfg.floor_scale)
-                q = (q.astype(jnp.float32) * scale[:, :, None, None]).astype(dt)
-            mask = chunked_causal_mask(segment_ids, positions, None)
-        out = grouped_query_attention(q, k, v, mask, self.scale)
+            k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, cache_index, 0, 0))
+            cache = KVCache(k, v)
+            key_index = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])
+            zeros_q, zeros_k = jnp.zeros_like(positions), jnp.zeros_like(key_index)
+            mask = attention_mask(positions, key_index, positions, key_index, zeros_q, zeros_k, chunk)
+        out = grouped_query_attention(q, k.astype(dt), v.astype(dt), mask, self.scale)
         out = self.sharding.constrain(out, ("batch", "seq", "heads", "head_dim"))
-        return jnp.einsum("bthk,hkd->btd", out, self.o.value.astype(dt))
+        return jnp.einsum("bthk,hkd->btd", out, self.o.value.astype(dt)), cache
 
 
 def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:

@@ -16,7 +16,7 @@ from flax import nnx
 
 from maxllama.config.schema import ModelConfig
 from maxllama.metap import Parametrization
-from maxllama.model.attention import Attention
+from maxllama.model.attention import Attention, KVCache
 from maxllama.model.feedforward import SwiGLU
 from maxllama.model.moe import MoE, MoEStats
 from maxllama.model.norm import RMSNorm
@@ -53,11 +53,13 @@ class Block(nnx.Module):
                     SwiGLU(cfg.d_model, cfg.d_ff, parametrization=parametrization, param_dtype=pdt, rngs=rngs))
         self.residual_multiplier = parametrization.residual_multiplier
 
-    def __call__(self, x, positions, segment_ids) -> tuple[jax.Array, MoEStats | None]:
-        h = x + self.residual_multiplier * self.attention(self.attention_norm(x), positions, segment_ids)
+    def __call__(self, x, positions, segment_ids, cache=None, cache_index=None):
+        """-> (output, MoE stats or None, updated KV cache or None)."""
+        attended, cache = self.attention(self.attention_norm(x), positions, segment_ids, cache, cache_index)
+        h = x + self.residual_multiplier * attended
         ffn_out = self.ffn(self.ffn_norm(h))
         ffn_out, stats = ffn_out if isinstance(self.ffn, MoE) else (ffn_out, None)
-        return h + self.residual_multiplier * ffn_out, stats
+        return h + self.residual_multiplier * ffn_out, stats, cache
 
 
 class LayerGroup(nnx.Module):
@@ -69,15 +71,17 @@ class LayerGroup(nnx.Module):
                                 for kind in kinds])
         self.sharding = sharding
 
-    def __call__(self, x, positions, segment_ids) -> tuple[jax.Array, MoEStats | None]:
-        all_stats = []
-        for block in self.blocks:
-            x, stats = block(x, positions, segment_ids)
+    def __call__(self, x, positions, segment_ids, caches=None, cache_index=None):
+        """-> (output, MoE stats stacked over its MoE layers or None, per-block KV caches or None)."""
+        all_stats, new_caches = [], []
+        for i, block in enumerate(self.blocks):
+            x, stats, cache = block(x, positions, segment_ids, None if caches is None else caches[i], cache_index)
             x = self.sharding.constrain(x, ("batch", "seq", "embed"))
+            new_caches.append(cache)
             if stats is not None:
                 all_stats.append(stats)
         stacked = jax.tree.map(lambda *s: jnp.stack(s), *all_stats) if all_stats else None
-        return x, stacked
+        return x, stacked, (new_caches if caches is not None else None)
 
 
 def _stack_groups(cfg, kinds, n_groups, parametrization, sharding, rngs) -> LayerGroup:
@@ -98,6 +102,7 @@ def _stack_groups(cfg, kinds, n_groups, parametrization, sharding, rngs) -> Laye
 class DecoderOutput(NamedTuple):
     logits: jax.Array  # [B, T, V] fp32
     moe: MoEStats | None  # per MoE layer: losses [L_moe], expert_load [L_moe, E]
+    cache: dict | None = None  # the updated KV cache when one was passed in
 
 
 class Decoder(nnx.Module):
@@ -125,38 +130,75 @@ class Decoder(nnx.Module):
         self.output_multiplier = parametrization.output_multiplier
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> DecoderOutput:
-        """tokens, positions, segment_ids: [B, T] ints. Positions default to 0..T-1, one document per row."""
+                 segment_ids: jax.Array | None = None, cache: dict | None = None) -> DecoderOutput:
+        """tokens, positions, segment_ids: [B, T] ints. Positions default to 0..T-1, one document per row.
+
+        With a `cache` (from `init_cache`), tokens continue the cached sequences at `cache["index"]`: the
+        prompt in one call, then one token per call; positions follow the cache.
+        """
         cfg = self.cfg
         dt = jnp.dtype(cfg.compute_dtype)
+        cache_index = None if cache is None else cache["index"]
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+            start = 0 if cache is None else cache_index
+            positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.zeros_like(tokens)
         x = self.embed.value.astype(dt)[tokens]
         x = self.sharding.constrain(x, ("batch", "seq", "embed"))
-        stats = []
+        stats, new_cache = [], {}
         if self.groups is not None:
-            x, group_stats = self._scan_groups(x, positions, segment_ids)
+            x, group_stats, new_cache["groups"] = self._scan_groups(
+                x, positions, segment_ids, None if cache is None else cache["groups"], cache_index)
             stats.append(group_stats)
-        for group in list(self.unscanned) + ([self.tail] if self.tail is not None else []):
-            x, group_stats = group(x, positions, segment_ids)
+        new_cache["unscanned"] = []
+        for i, group in enumerate(self.unscanned):
+            x, group_stats, group_cache = group(x, positions, segment_ids,
+                                                None if cache is None else cache["unscanned"][i], cache_index)
+            new_cache["unscanned"].append(group_cache)
+            stats.append(group_stats)
+        if self.tail is not None:
+            x, group_stats, new_cache["tail"] = self.tail(x, positions, segment_ids,
+                                                          None if cache is None else cache["tail"], cache_index)
             stats.append(group_stats)
         x = self.final_norm(x)
         logits = (x @ self.lm_head.value.astype(dt)).astype(jnp.float32) * self.output_multiplier
         logits = self.sharding.constrain(logits, ("batch", "seq", "vocab"))
         stats = [s for s in stats if s is not None]
         moe = jax.tree.map(lambda *s: jnp.concatenate(s), *stats) if stats else None
-        return DecoderOutput(logits, moe)
+        if cache is None:
+            return DecoderOutput(logits, moe)
+        return DecoderOutput(logits, moe, {**new_cache, "index": cache_index + tokens.shape[1]})
 
-    def _scan_groups(self, x, positions, segment_ids):
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+        """An empty KV cache for `batch` sequences of up to `max_len` tokens, shaped like the layer groups."""
+        cfg = self.cfg
+        shape = (batch, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
+
+        def caches(n_blocks: int, lead: tuple[int, ...] = ()) -> list[KVCache]:
+            return [KVCache(jnp.zeros(lead + shape, dtype), jnp.zeros(lead + shape, dtype)) for _ in range(n_blocks)]
+
+        cache: dict = {"index": jnp.zeros((), jnp.int32),
+                       "unscanned": [caches(len(group.blocks)) for group in self.unscanned]}
+        if self.groups is not None:
+            n_groups = self.groups.blocks[0].attention_norm.weight.shape[0]
+            cache["groups"] = caches(len(self.groups.blocks), (n_groups,))
+        if self.tail is not None:
+            cache["tail"] = caches(len(self.tail.blocks))
+        return cache
+
+    def _scan_groups(self, x, positions, segment_ids, caches, cache_index):
         graphdef, state = nnx.split(self.groups)
 
-        def body(carry, group_state):
-            return nnx.merge(graphdef, group_state)(carry, positions, segment_ids)
+        def body(carry, scanned):
+            group_state, group_caches = scanned
+            out, stats, new_caches = nnx.merge(graphdef, group_state)(carry, positions, segment_ids,
+                                                                      group_caches, cache_index)
+            return out, (stats, new_caches)
 
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
-        x, stats = jax.lax.scan(body, x, state)
+        x, (stats, caches) = jax.lax.scan(body, x, (state, caches))
         # Scanned stats are [groups, moe layers per group, ...]: flatten to one row per MoE layer, in order.
-        return x, jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stats) if stats is not None else None
+        stats = jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stats) if stats is not None else None
+        return x, stats, caches

@@ -11,19 +11,21 @@ import jax
 import jax.numpy as jnp
 
 
-def causal_mask(segment_ids: jax.Array) -> jax.Array:
-    """[B, T] segment ids -> [B, T, T] boolean mask (query, key)."""
-    t = segment_ids.shape[-1]
-    index = jnp.arange(t)
-    causal = index[:, None] >= index[None, :]
-    same_document = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return causal[None] & same_document
+def attention_mask(q_index: jax.Array, k_index: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+                   q_segment: jax.Array, k_segment: jax.Array, chunk: int | None) -> jax.Array:
+    """[B, Tq] and [B, Tk] index/position/segment arrays -> [B, Tq, Tk] boolean mask (query, key)."""
+    mask = k_index[:, None, :] <= q_index[:, :, None]
+    mask &= q_segment[:, :, None] == k_segment[:, None, :]
+    if chunk is not None:
+        mask &= (q_pos // chunk)[:, :, None] == (k_pos // chunk)[:, None, :]
+    return mask
 
 
 def chunked_causal_mask(segment_ids: jax.Array, positions: jax.Array, chunk: int | None) -> jax.Array:
-    """Causal mask further restricted to keys in the query's chunk; `chunk=None` is plain causal."""
-    mask = causal_mask(segment_ids)
-    if chunk is None:
-        return mask
-    chunk_id = positions // chunk
-    return mask & (chunk_id[:, :, None] == chunk_id[:, None, :])
+    """Self-attention mask of one packed sequence; `chunk=None` is plain (document-) causal."""
+    index = jnp.broadcast_to(jnp.arange(segment_ids.shape[-1]), segment_ids.shape)
+    return attention_mask(index, index, positions, positions, segment_ids, segment_ids, chunk)
+
+
+def causal_mask(segment_ids: jax.Array) -> jax.Array:
+    return chunked_causal_mask(segment_ids, jnp.zeros_like(segment_ids), None)

@@ -11,6 +11,7 @@ import jax
 from tqdm import tqdm
 
 from maxllama.checkpoint.manager import Checkpointer, step_to_resume
+from maxllama.checkpoint.model_dir import restore_params_into
 from maxllama.config import ConfigError, dump_config
 from maxllama.config.schema import Config
 from maxllama.data.pipeline import build_datasets, unigram_entropy
@@ -71,10 +72,15 @@ def train(cfg: Config, *, log=print) -> TrainSummary:
     checkpointer = Checkpointer(run_dir / "checkpoints", every_steps=cfg.checkpoint.every_steps,
                                 keep=cfg.checkpoint.keep)
     resume_step = step_to_resume(checkpointer, cfg.resume)
-    state = init_state(init_params(cfg, model, sharding), optimizer)
+    if resume_step is None and cfg.init_from:
+        params, init_step = restore_params_into(cfg.init_from, cfg, model, sharding)
+        log(f"initialised from {cfg.init_from} (step {init_step}); optimizer and data start fresh")
+    else:
+        params = init_params(cfg, model, sharding)
+    state = init_state(params, optimizer)
     if resume_step is not None:
         state = checkpointer.restore(resume_step, state)
-        log(f"resumed from {checkpointer.manager.directory}/{resume_step}")
+        log(f"resumed from {checkpointer.directory}/{resume_step}")
     start = int(state.step)
 
     batch_sharding = sharding.named(("batch", "seq"))

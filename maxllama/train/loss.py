@@ -28,6 +28,7 @@ def training_loss(out: DecoderOutput, batch: dict, train: TrainConfig) -> tuple[
         n_experts = out.moe.expert_load.shape[-1]
         metrics |= {"load_balance_loss": balance, "router_z_loss": z,
                     # 1.0 is perfect balance; n_experts means one expert takes everything.
-                    "expert_load_max": jnp.max(out.moe.expert_load) * n_experts}
+                    "expert_load_max": jnp.max(out.moe.expert_load) * n_experts,
+                    "moe_dropped_fraction": jnp.mean(out.moe.dropped_fraction)}
     metrics["total_loss"] = total
     return total, metrics

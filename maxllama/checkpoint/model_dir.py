@@ -1,0 +1,66 @@
+"""A model directory: `config.yaml` + `checkpoints/<step>/` — a run directory, or what `convert hf-import`
+writes. Sampling, scoring, export and `init_from:` all load models through here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+
+from maxllama.checkpoint.manager import Checkpointer
+from maxllama.config import ConfigError, load_config
+from maxllama.config.schema import Config
+from maxllama.model.build import ModelDef, define_model, param_shardings
+from maxllama.parallel.mesh import build_mesh
+from maxllama.parallel.rules import LogicalSharding, make_rules
+
+
+class LoadedModel(NamedTuple):
+    cfg: Config
+    model: ModelDef
+    params: dict
+    sharding: LogicalSharding
+    step: int
+
+
+def locate_checkpoint(path: str | Path) -> tuple[Path, int]:
+    """(model directory, step) for a model directory (newest checkpoint) or one of its step folders."""
+    path = Path(path)
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        return path.parent.parent, int(path.name)
+    if not (path / "checkpoints").is_dir():
+        raise ConfigError(f"{path}: not a model directory (expected config.yaml and checkpoints/ inside)")
+    steps = sorted(int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit())
+    if not steps:
+        raise ConfigError(f"{path}/checkpoints: no checkpoint saved yet")
+    return path, steps[-1]
+
+
+def restore_params_into(path: str | Path, cfg: Config, model: ModelDef, sharding: LogicalSharding) -> tuple[dict, int]:
+    """Parameters of the checkpoint at `path`, shaped and sharded for `model`; errors name the mismatch."""
+    directory, step = locate_checkpoint(path)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          model.abstract_params, param_shardings(model, sharding))
+    checkpointer = Checkpointer(directory / "checkpoints")
+    try:
+        return checkpointer.restore_params(step, target), step
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"{directory}/checkpoints/{step}: parameters do not fit model config "
+                          f"({str(e).splitlines()[0][:200]})") from None
+    finally:
+        checkpointer.close()
+
+
+def load_model_dir(path: str | Path, overrides: list[str] | None = None, devices=None) -> LoadedModel:
+    directory, _ = locate_checkpoint(path)
+    config_path = directory / "config.yaml"
+    if not config_path.exists():
+        raise ConfigError(f"{directory}: config.yaml missing; a model directory needs the config it was saved with")
+    cfg, _ = load_config(config_path, ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1", "mesh.expert=1",
+                                       *(overrides or [])])
+    mesh = build_mesh(cfg.mesh, devices)
+    sharding = LogicalSharding(mesh, make_rules(cfg.mesh.rules))
+    model = define_model(cfg, sharding)
+    params, step = restore_params_into(path, cfg, model, sharding)
+    return LoadedModel(cfg, model, params, sharding, step)

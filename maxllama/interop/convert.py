@@ -1,0 +1,145 @@
+"""`maxllama convert hf-import` / `hf-export`: Hugging Face Llama 4 checkpoints <-> maxllama model directories.
+
+Both stream tensor by tensor (import fills the model's one host copy from memory-mapped safetensors; export
+writes shards as they fill) and both write into a hidden sibling folder that is renamed into place only
+when complete: a failed conversion leaves nothing at OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import jax
+import numpy as np
+
+from maxllama.checkpoint.manager import Checkpointer
+from maxllama.checkpoint.model_dir import load_model_dir
+from maxllama.config import ConfigError, dump_config
+from maxllama.config.loader import apply_overrides, build_config
+from maxllama.interop import InteropError
+from maxllama.interop.hf_config import hf_config_from_model, model_config_from_hf, text_config
+from maxllama.interop.hf_weights import (TOP_LEVEL, get_path, hf_names_consumed, layer_rules, layer_slot,
+                                         read_hf_tensor, export_tensors)
+from maxllama.interop.safetensors_io import SafetensorsReader, write_sharded
+from maxllama.model.build import define_model, param_shardings
+from maxllama.parallel.mesh import build_mesh
+from maxllama.parallel.rules import LogicalSharding
+
+DEFAULT_SEQ_LEN = 256
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: Path) -> Iterator[Path]:
+    """A hidden sibling of `out_dir` to write into; renamed to `out_dir` on success, removed on failure."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise InteropError(f"{out_dir}: already exists and is not empty; choose a new output directory")
+    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _read_hf_config(hf_dir: Path) -> dict:
+    path = hf_dir / "config.json"
+    if not path.exists():
+        raise InteropError(f"{path}: not found; an HF checkpoint directory has config.json and safetensors")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InteropError(f"{path}: invalid JSON ({e})") from None
+
+
+def imported_config(hf: dict, out_dir: Path, overrides: Sequence[str] = ()):
+    model = model_config_from_hf(hf)
+    chunk = model["attn_chunk"]
+    seq_len = DEFAULT_SEQ_LEN if not chunk or chunk >= DEFAULT_SEQ_LEN else chunk * math.ceil(DEFAULT_SEQ_LEN / chunk)
+    data = {"model": model, "train": {"seq_len": seq_len},
+            "run": {"name": out_dir.name, "dir": str(out_dir)}}
+    try:
+        return build_config(apply_overrides(data, {}, overrides))
+    except ConfigError as e:
+        raise InteropError(f"config.json maps to an invalid maxllama config: {e}") from None
+
+
+def _assign(target: np.ndarray, index: int | None, value: np.ndarray, name: str) -> None:
+    expected = target.shape[1:] if index is not None else target.shape
+    if value.shape != expected:
+        raise InteropError(f"tensor '{name}': shape {value.shape} after conversion, the model expects {expected}")
+    if index is None:
+        target[...] = value
+    else:
+        target[index] = value
+
+
+def _convert(rule, array: np.ndarray, name: str) -> tuple[np.ndarray, ...]:
+    try:
+        return rule.to_maxllama(array)
+    except ValueError:
+        raise InteropError(f"tensor '{name}': shape {array.shape} does not fit the model config") from None
+
+
+def hf_import(hf_dir: str | Path, out_dir: str | Path, overrides: Sequence[str] = (), log=print) -> Path:
+    """Convert an HF Llama 4 (text) checkpoint into a maxllama model directory; returns it."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    hf = _read_hf_config(hf_dir)
+    _, prefix = text_config(hf)
+    cfg = imported_config(hf, out_dir, overrides)
+    reader = SafetensorsReader(hf_dir)
+    sharding = LogicalSharding(build_mesh(cfg.mesh, jax.devices()[:1]))
+    model = define_model(cfg, sharding)
+    m = cfg.model
+    params = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), model.abstract_params)  # the one host copy
+    consumed: set[str] = set()
+    for rule in TOP_LEVEL(m):
+        name = prefix + rule.hf_name
+        for path, value in zip(rule.params, _convert(rule, reader.read(name), name)):
+            _assign(get_path(params, path), None, value, name)
+        consumed.add(name)
+    for layer in range(m.n_layers):
+        slot = layer_slot(m, layer)
+        block = get_path(params, slot.block)
+        for rule in layer_rules(m, layer):
+            name = f"{prefix}model.layers.{layer}.{rule.hf_name}"
+            array = read_hf_tensor(reader, name, m.n_experts)
+            for path, value in zip(rule.params, _convert(rule, array, name)):
+                _assign(get_path(block, path), slot.index, value, name)
+            consumed.update(hf_names_consumed(name, m))
+    unused = sorted(n for n in reader.names() - consumed if n.startswith(prefix))
+    if unused:
+        raise InteropError(f"tensor '{unused[0]}' has no place in the model ({len(unused)} unmapped tensors)")
+    skipped = len([n for n in reader.names() if not n.startswith(prefix)])
+    if skipped:
+        log(f"skipped {skipped} tensors outside the text model (vision encoder, projector)")
+    device_params = jax.device_put(params, param_shardings(model, sharding))
+    with staged_directory(out_dir) as staging:
+        (staging / "config.yaml").write_text(dump_config(cfg))
+        checkpointer = Checkpointer(staging / "checkpoints")
+        checkpointer.save_params(0, device_params)
+        checkpointer.close()
+    log(f"imported {len(consumed)} tensors into {out_dir} (config.yaml, checkpoints/0)")
+    return out_dir
+
+
+def hf_export(model_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: int = 5 * 2**30, log=print) -> Path:
+    """Write a maxllama model directory as config.json + safetensors for `transformers`."""
+    loaded = load_model_dir(model_dir, devices=jax.devices()[:1])
+    hf_cfg = hf_config_from_model(loaded.cfg.model)
+    out_dir = Path(out_dir)
+    with staged_directory(out_dir) as staging:
+        (staging / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        write_sharded(staging, export_tensors(loaded.cfg.model, loaded.params), max_shard_bytes)
+    log(f"exported step {loaded.step} of {model_dir} to {out_dir}")
+    return out_dir
