@@ -19,6 +19,8 @@ def run(*args, cwd=None):
     (["train", "experiments/tiny.yaml", "model.vocab_size=100", "train.steps=1", "optim.warmup_steps=0"],
      "model.vocab_size: 100 is smaller than the tokenizer's 265 tokens"),
     (["config", "show", "experiments/tiny.yaml", "optim.schedule=linear"], "optim.schedule: must be one of"),
+    (["convert", "hf-import", "no/such/dir", "out"], "no/such/dir/config.json: not found"),
+    (["convert", "hf-export", "no/such/run", "out"], "no/such/run: not a model directory"),
 ])
 def test_user_errors_exit_2_with_one_line(args, needle, tmp_path):
     result = run(*args, f"run.dir={tmp_path}/run") if args[0] == "train" else run(*args)
@@ -29,7 +31,8 @@ def test_user_errors_exit_2_with_one_line(args, needle, tmp_path):
 
 
 def test_help_on_every_command():
-    for args in [[], ["train"], ["config"], ["config", "show"]]:
+    for args in [[], ["train"], ["config"], ["config", "show"], ["convert"], ["convert", "hf-import"],
+                 ["convert", "hf-export"], ["sample"], ["score"]]:
         result = run(*args, "--help")
         assert result.returncode == 0 and "usage: maxllama" in result.stdout
 

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from maxllama.checkpoint.model_dir import load_model_dir  # noqa: E402
 from maxllama.interop import InteropError  # noqa: E402
 from maxllama.interop.convert import hf_export, hf_import  # noqa: E402
-from maxllama.interop.safetensors_io import SafetensorsReader, write_file  # noqa: E402
+from maxllama.interop.safetensors_io import SafetensorsReader, write_file, write_sharded  # noqa: E402
 from maxllama.model.build import bind  # noqa: E402
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0, "low_freq_factor": 1.0,
@@ -123,12 +123,13 @@ def per_expert_copy(source, target):
             tensors += [(f"{base}.{e}.down_proj.weight", array[e].T.copy()) for e in range(array.shape[0])]
         else:
             tensors.append((name, array))
-    write_file(target / "model.safetensors", tensors)
+    write_sharded(target, iter(tensors), max_shard_bytes=100_000)
 
 
 def test_per_expert_layout_imports_to_the_same_model(spec_checkpoint):
     root, reference = spec_checkpoint
     per_expert_copy(root / "hf", root / "per_expert")
+    assert (root / "per_expert" / "model.safetensors.index.json").exists()
     assert "model.layers.1.feed_forward.experts.3.up_proj.weight" in SafetensorsReader(root / "per_expert").names()
     hf_import(root / "per_expert", root / "from_per_expert", log=lambda *_: None)
     assert np.abs(maxllama_logits(root / "from_per_expert") - reference).max() <= 1e-4

@@ -27,7 +27,7 @@ from maxllama.interop.hf_config import hf_config_from_model, model_config_from_h
 from maxllama.interop.hf_weights import (TOP_LEVEL, get_path, hf_names_consumed, layer_rules, layer_slot,
                                          read_hf_tensor, export_tensors)
 from maxllama.interop.safetensors_io import SafetensorsReader, write_sharded
-from maxllama.model.build import define_model, param_shardings
+from maxllama.model.build import define_model
 from maxllama.parallel.mesh import build_mesh
 from maxllama.parallel.rules import LogicalSharding
 
@@ -123,11 +123,10 @@ def hf_import(hf_dir: str | Path, out_dir: str | Path, overrides: Sequence[str] 
     skipped = len([n for n in reader.names() if not n.startswith(prefix)])
     if skipped:
         log(f"skipped {skipped} tensors outside the text model (vision encoder, projector)")
-    device_params = jax.device_put(params, param_shardings(model, sharding))
     with staged_directory(out_dir) as staging:
         (staging / "config.yaml").write_text(dump_config(cfg))
         checkpointer = Checkpointer(staging / "checkpoints")
-        checkpointer.save_params(0, device_params)
+        checkpointer.save_params(0, params)  # straight from host memory: no device copy
         checkpointer.close()
     log(f"imported {len(consumed)} tensors into {out_dir} (config.yaml, checkpoints/0)")
     return out_dir
