@@ -8,7 +8,7 @@ CONFIG ?= experiments/tiny.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-slow bench lint clean
+.PHONY: install train test test-slow bench bench-data lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ test-slow: $(PARITY_STAMP)  ## the long tests only
 bench: $(STAMP)  ## throughput, MFU, compile time and peak memory of the tiny model
 	rm -rf runs/bench/bench-tiny
 	$(VENV)/bin/maxllama train experiments/bench/tiny.yaml $(ARGS)
+
+bench-data: $(STAMP)  ## token-store preparation MB/s and packed-batch tokens/s
+	$(PY) -m maxllama.data.benchmark $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff

@@ -167,6 +167,46 @@ def cmd_score(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_sources(ns: argparse.Namespace):
+    from maxllama.config.schema import SourceConfig
+    if ns.config:
+        _, cfg, _ = _load([ns.config], None)
+        return cfg.data.sources, cfg.data.tokenizer, cfg.data.val_fraction
+    if not ns.sources:
+        raise UserError("prepare: name at least one SOURCE, or --config CONFIG to use its data.sources")
+    sources = [SourceConfig(path=p, format=ns.format, field=ns.field) for p in ns.sources]
+    return sources, ns.tokenizer, ns.val_fraction
+
+
+def cmd_prepare(ns: argparse.Namespace) -> int:
+    sources, tokenizer, val_fraction = _prepare_sources(ns)
+    if ns.train_tokenizer:
+        from maxllama.data.prepare import plan_units
+        from maxllama.data.sources import iter_documents
+        from maxllama.data.tokenizer import train_bpe
+        from collections import Counter
+
+        def texts():
+            skipped: Counter = Counter()
+            for unit in plan_units(sources):
+                for doc in iter_documents(unit.path, unit.format, unit.field, skipped, unit.id_prefix):
+                    yield doc.text.decode("utf-8", errors="replace") if isinstance(doc.text, bytes) else doc.text
+
+        trained = train_bpe(texts(), ns.train_tokenizer, ns.out)
+        print(f"trained a {trained.vocab_size}-token BPE tokenizer: {ns.out}")
+        print(f"next: maxllama prepare ... --tokenizer {ns.out} --out STORE_DIR")
+        return 0
+    from maxllama.data.prepare import prepare
+    manifest = prepare(sources, ns.out, tokenizer, val_fraction=val_fraction, workers=ns.workers,
+                       progress=not ns.quiet)
+    for split, numbers in manifest["splits"].items():
+        print(f"{split}: {numbers['documents']:,} documents, {numbers['tokens']:,} tokens")
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(manifest["skipped"].items())) or "none"
+    print(f"skipped records: {skipped}; {manifest.get('prepare_mb_per_s')} MB/s")
+    print(f"next: train on it with data.sources=[{{path: {ns.out}}}] (and data.tokenizer={tokenizer})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maxllama", description="Pretrain Llama-4-style models with JAX.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -231,6 +271,23 @@ def build_parser() -> argparse.ArgumentParser:
     score_cmd.add_argument("--logits-out", metavar="OUT.npy", help="save logits [batch, seq, vocab] (fp32)")
     score_cmd.add_argument("--batch-size", type=int, default=8)
     score_cmd.set_defaults(func=cmd_score)
+
+    prep = commands.add_parser(
+        "prepare", help="tokenize sources into a token store (or train a tokenizer)",
+        description="Tokenize text files, folders, globs, JSONL or Parquet (local or gs://, s3://) once into a "
+                    "TensorStore token store with a manifest; parallel, resumable (re-run the same command). "
+                    "With --train-tokenizer N, train an N-token BPE tokenizer on the sources instead.")
+    prep.add_argument("sources", nargs="*", metavar="SOURCE")
+    prep.add_argument("--out", required=True, help="store directory (or tokenizer.json with --train-tokenizer)")
+    prep.add_argument("--config", help="take sources, tokenizer and val_fraction from this config's data section")
+    prep.add_argument("--tokenizer", default="byte", help="'byte', tokenizer.json or SentencePiece .model")
+    prep.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "parquet"])
+    prep.add_argument("--field", default="text", help="JSONL field / Parquet column with the text")
+    prep.add_argument("--val-fraction", type=float, default=0.02)
+    prep.add_argument("--workers", type=int, default=2, help="tokenizing processes")
+    prep.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE")
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.set_defaults(func=cmd_prepare)
     return parser
 
 

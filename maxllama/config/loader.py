@@ -190,6 +190,11 @@ def build_config(data: Mapping[str, Any], origins: Mapping[str, str] | None = No
         cfg = Config.model_validate(data)
     except pydantic.ValidationError as e:
         first = e.errors()[0]
+        if first["type"] == "extra_forbidden":  # an unknown key inside a list item (a data source, say)
+            dotted = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in first["loc"]).replace(".[", "[")
+            close = difflib.get_close_matches(str(first["loc"][-1]), sorted(_ALL_NAMES), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown key '{dotted}'{hint}") from None
         # Unions add the member type to the location ('str', 'list[str]'): keep only real keys.
         dotted = ".".join(str(p) for p in first["loc"] if str(p) in _ALL_NAMES or isinstance(p, int))
         raise ConfigError(f"{_where(origins, dotted)}{dotted}: {_describe(first)}") from None

@@ -124,10 +124,25 @@ class CheckpointConfig(Section):
     keep: int = Field(3, description="Checkpoints kept (the newest ones).")
 
 
+class SourceConfig(Section):
+    path: str = Field("stdlib", description="File, folder, glob, gs://... URL, token store, or 'stdlib' (this "
+                                            "Python's standard library source).")
+    format: Literal["auto", "text", "jsonl", "parquet", "store"] = Field(
+        "auto", description="auto: by suffix (.jsonl, .parquet), a folder with manifest.json is a store, else text.")
+    field: str = Field("text", description="JSONL field / Parquet column holding the text.")
+    weight: float = Field(1.0, description="Share of this source in the mixture (normalised over sources).")
+
+
 class DataConfig(Section):
-    source: Literal["stdlib"] = Field("stdlib", description="Corpus: 'stdlib' is this Python's standard library source.")
-    val_fraction: float = Field(0.02, description="Fraction of files held out for validation (chosen by path hash).")
-    tokenizer: Literal["byte"] = Field("byte", description="Tokenizer: 'byte' is UTF-8 bytes plus special tokens.")
+    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig()],
+                                        description="Sources, mixed by weight; each is read directly or from a store.")
+    tokenizer: str = Field("byte", description="'byte', a Hugging Face tokenizer.json, or a SentencePiece .model.")
+    val_fraction: float = Field(0.02, description="Fraction of documents held out for validation (by id hash).")
+    packing: Literal["concat", "first_fit"] = Field(
+        "concat", description="concat: documents end to end, cut into sequences; first_fit: whole documents "
+                              "(split when longer than a sequence) packed into sequences, the rest padded.")
+    workers: int = Field(0, description="Worker processes reading batches (0: threads in the training process).")
+    prefetch: int = Field(4, description="Batches read ahead of the training step.")
 
 
 class MeshConfig(Section):
@@ -242,6 +257,11 @@ def validate_consistency(cfg: Config) -> list[tuple[str, str]]:
     if t.grad_clip is not None:
         check(t.grad_clip > 0, "train.grad_clip", f"must be positive or null, got {t.grad_clip}")
     check(0 < cfg.data.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {cfg.data.val_fraction}")
+    check(len(cfg.data.sources) > 0, "data.sources", "needs at least one source")
+    for i, source in enumerate(cfg.data.sources):
+        check(source.weight > 0, f"data.sources[{i}].weight", f"must be positive, got {source.weight}")
+    check(cfg.data.workers >= 0, "data.workers", f"must be >= 0, got {cfg.data.workers}")
+    check(cfg.data.prefetch >= 0, "data.prefetch", f"must be >= 0, got {cfg.data.prefetch}")
     for axis, size in cfg.mesh.axes.items():
         check(size >= 1 or size == -1, f"mesh.{axis}", f"must be a positive size or -1, got {size}")
     check(sum(size == -1 for size in cfg.mesh.axes.values()) <= 1, "mesh",

@@ -1,61 +1,189 @@
-"""Grain pipeline over packed windows: the global batch at step s is a pure function of (seed, s).
+"""The Grain pipeline: sources -> packed rows -> weighted mixture -> global batches -> this host's rows.
 
-Training order: windows shuffled per epoch (seeded by seed and epoch), repeated forever, batched; the
-batch at any step is read directly, so a run can start at any step without replaying the ones before.
-Validation: a fixed set of windows spread evenly over the held-out files.
+The global batch at step s is a pure function of (config, seed, s): rows are chosen by index (shuffled per
+epoch by seed and epoch; mixed by weight), so `train[s]` is read directly, without the steps before it.
+Each host reads only its contiguous share of the rows of every global batch, so resuming on a different
+number of hosts yields the same global batches. Validation is a fixed set of rows spread evenly over each
+source's held-out documents.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
+from collections import Counter
 
 import grain
 import numpy as np
 
 from maxllama.config import ConfigError
-from maxllama.config.schema import Config
-from maxllama.data.corpus import split_files, stdlib_files, stdlib_root
-from maxllama.data.packing import PackedStream
-from maxllama.data.tokenizer import ByteTokenizer, make_tokenizer
+from maxllama.config.schema import Config, SourceConfig
+from maxllama.data.packing import Batch, ConcatWindows, FirstFitRows
+from maxllama.data.prepare import plan_units, tokenize_file
+from maxllama.data.sources import source_format
+from maxllama.data.store import SPLITS, TokenArrays, concatenate_documents, open_store
+from maxllama.data.tokenizer import Tokenizer, make_tokenizer
 
-Batch = dict[str, np.ndarray]
+
+@dataclasses.dataclass
+class SourceData:
+    name: str
+    splits: dict[str, TokenArrays]
+    weight: float
+    skipped: Counter
 
 
 @dataclasses.dataclass
 class Datasets:
-    tokenizer: ByteTokenizer
-    train: grain.MapDataset  # infinite: train[step] is the global batch of that step
+    tokenizer: Tokenizer
+    train: grain.MapDataset  # infinite: train[step] is this host's share of the global batch of that step
     validation: list[Batch]
-    train_tokens: int
-    n_train_files: int
-    n_validation_files: int
+    sources: list[SourceData]
+    skipped: Counter
+    split_documents: int  # documents longer than a row, split into pieces (never truncated)
+
+    @property
+    def train_tokens(self) -> int:
+        return sum(s.splits["train"].n_tokens for s in self.sources)
+
+    @property
+    def train_documents(self) -> int:
+        return sum(s.splits["train"].n_docs for s in self.sources)
+
+    @property
+    def validation_documents(self) -> int:
+        return sum(s.splits["validation"].n_docs for s in self.sources)
 
 
-def _read_documents(files, tokenizer) -> list[np.ndarray]:
-    return [tokenizer.encode(f.read_bytes()) for f in files]
+def load_source(index: int, source: SourceConfig, tokenizer: Tokenizer, val_fraction: float) -> SourceData:
+    """A token store is opened (tokens stay on disk); raw sources are tokenized in memory."""
+    fmt = source_format(source.path, source.format)
+    if fmt == "store":
+        manifest, splits = open_store(source.path)
+        stored = manifest["tokenizer"]["fingerprint"]
+        if stored != tokenizer.fingerprint():
+            raise ConfigError(f"data.sources[{index}].path: {source.path} was tokenized with "
+                              f"{manifest['tokenizer']['spec']} ({stored}), but data.tokenizer is "
+                              f"{tokenizer.name} ({tokenizer.fingerprint()}); prepare it again or change data.tokenizer")
+        return SourceData(source.path, splits, source.weight, Counter(manifest.get("skipped", {})))
+    skipped: Counter = Counter()
+    documents: dict[str, list] = {split: [] for split in SPLITS}
+    for unit in plan_units([source]):
+        docs, counts = tokenize_file(unit, tokenizer, val_fraction)
+        skipped.update(counts)
+        for split in SPLITS:
+            documents[split] += docs[split]
+    splits = {split: concatenate_documents(documents[split], tokenizer.bos_id, tokenizer.eos_id) for split in SPLITS}
+    return SourceData(source.path, splits, source.weight, skipped)
 
 
-def build_datasets(cfg: Config) -> Datasets:
+class _Rows:
+    """An endless random-access sequence of (source, row) pairs: grain's source for first-fit rows, whose
+    epochs have their own lengths and order."""
+
+    def __init__(self, source_index: int):
+        self.source_index = source_index
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __getitem__(self, row: int) -> tuple[int, int]:
+        return self.source_index, row
+
+
+def _row_indices(packer, source_index: int, seed: int) -> grain.MapDataset:
+    if isinstance(packer, FirstFitRows):  # shuffles and repeats itself
+        return grain.MapDataset.source(_Rows(source_index))
+    return (grain.MapDataset.range(len(packer)).shuffle(seed=seed % 2**32).repeat()
+            .map(lambda row, s=source_index: (s, row)))
+
+
+class BatchReader:
+    """Reads the rows of a batch of (source, row) pairs that belong to one host."""
+
+    def __init__(self, packers: list, host_rows: slice):
+        self.packers, self.host_rows = packers, host_rows
+
+    def __call__(self, pairs) -> Batch:
+        sources, rows = (np.asarray(a)[self.host_rows] for a in pairs)
+        parts = {}
+        for s in np.unique(sources):
+            parts[int(s)] = self.packers[int(s)].read(rows[sources == s])
+        keys = next(iter(parts.values())).keys()
+        out = {k: np.empty((len(rows),) + parts[int(sources[0])][k].shape[1:], parts[int(sources[0])][k].dtype)
+               for k in keys}
+        for s, part in parts.items():
+            for k in keys:
+                out[k][sources == s] = part[k]
+        return out
+
+
+def make_packer(cfg: Config, tokens: TokenArrays, pad_id: int, seed: int):
+    if cfg.data.packing == "first_fit":
+        return FirstFitRows(tokens, cfg.train.seq_len, pad_id, seed)
+    return ConcatWindows(tokens, cfg.train.seq_len, pad_id)
+
+
+def build_datasets(cfg: Config, *, process_index: int = 0, process_count: int = 1) -> Datasets:
     tokenizer = make_tokenizer(cfg.data.tokenizer)
-    root = stdlib_root()
-    split = split_files(stdlib_files(root), root, cfg.data.val_fraction)
     t, b = cfg.train.seq_len, cfg.train.batch_size
-    train_stream = PackedStream(_read_documents(split.train, tokenizer), tokenizer.bos_id, tokenizer.eos_id, t)
-    val_stream = PackedStream(_read_documents(split.validation, tokenizer), tokenizer.bos_id, tokenizer.eos_id, t)
-    if len(train_stream) < b:
-        raise ConfigError(f"train.batch_size: the corpus has only {len(train_stream)} training sequences of "
-                         f"{t} tokens, fewer than one batch of {b}")
-    train = (grain.MapDataset.range(len(train_stream)).shuffle(seed=cfg.seed % 2**32).repeat()
-             .map(train_stream.window).batch(b, drop_remainder=True))
-    n_val = min(len(val_stream) // b, cfg.train.eval_batches) * b
-    if n_val == 0:
-        raise ConfigError(f"data.val_fraction: the held-out files give {len(val_stream)} sequences, "
-                         f"fewer than one batch of {b}")
-    picks = np.linspace(0, len(val_stream) - 1, n_val).round().astype(int)
-    windows = [val_stream.window(int(i)) for i in picks]
-    validation = [{k: np.stack([w[k] for w in windows[i:i + b]]) for k in windows[0]} for i in range(0, n_val, b)]
-    return Datasets(tokenizer, train, validation, len(train_stream.tokens), len(split.train),
-                    len(split.validation))
+    if b % process_count:
+        raise ConfigError(f"train.batch_size: {b} is not divisible by the {process_count} hosts")
+    per_host = b // process_count
+    host_rows = slice(process_index * per_host, (process_index + 1) * per_host)
+    sources = [load_source(i, s, tokenizer, cfg.data.val_fraction) for i, s in enumerate(cfg.data.sources)]
+    packers = []
+    for i, source in enumerate(sources):
+        packer = make_packer(cfg, source.splits["train"], tokenizer.pad_id, cfg.seed + 7919 * i)
+        if len(packer) == 0:
+            raise ConfigError(f"data.sources[{i}].path: {source.name} has no training data "
+                              f"(all documents skipped or held out)")
+        packers.append(packer)
+    indices = [_row_indices(p, i, cfg.seed + 7919 * i) for i, p in enumerate(packers)]
+    mixed = indices[0] if len(indices) == 1 else grain.MapDataset.mix(indices, [s.weight for s in sources])
+    train = mixed.batch(b, drop_remainder=True).map(BatchReader(packers, host_rows))
+
+    validation = _validation_batches(cfg, sources, tokenizer.pad_id, host_rows)
+    skipped = sum((s.skipped for s in sources), Counter())
+    split_docs = sum(getattr(p, "split_documents", 0) for p in packers)
+    return Datasets(tokenizer, train, validation, sources, skipped, split_docs)
+
+
+def _validation_batches(cfg: Config, sources, pad_id: int, host_rows: slice) -> list[Batch]:
+    b = cfg.train.batch_size
+    windows = [ConcatWindows(s.splits["validation"], cfg.train.seq_len, pad_id) for s in sources]
+    available = sum(len(w) for w in windows)
+    n_rows = min(available // b, cfg.train.eval_batches) * b
+    if n_rows == 0:
+        raise ConfigError(f"data.val_fraction: the held-out documents give {available} sequences, fewer than one "
+                          f"batch of {b}; raise data.val_fraction or lower train.batch_size")
+    share = [round(n_rows * len(w) / available) for w in windows]
+    share[-1] = n_rows - sum(share[:-1])
+    rows: list[Batch] = []
+    for w, n in zip(windows, share):
+        if n:
+            rows.append(w.read(np.linspace(0, len(w) - 1, n).round().astype(int)))
+    stacked = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+    return [{k: v[i:i + b][host_rows] for k, v in stacked.items()} for i in range(0, n_rows, b)]
+
+
+def iterate(dataset: grain.MapDataset, start: int, *, prefetch: int, workers: int):
+    """Batches from `start` on, read ahead by threads, and by worker processes when `workers` > 0."""
+    iterable = dataset[start:].to_iter_dataset(
+        grain.ReadOptions(num_threads=max(1, min(prefetch, 4)), prefetch_buffer_size=prefetch))
+    if workers > 0:
+        from absl import flags
+        if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags; this process has none
+            flags.FLAGS.mark_as_parsed()
+        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iterable
+
+
+def batch_statistics(batch: Batch) -> dict[str, float]:
+    """Host-side numbers for the metrics: documents started and padding in this batch."""
+    real = batch["segment_ids"] > 0
+    return {"documents": float(np.sum(real & (batch["positions"] == 0))),
+            "padding_fraction": float(1.0 - real.mean())}
 
 
 def unigram_entropy(batches: list[Batch]) -> float:

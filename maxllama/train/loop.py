@@ -14,7 +14,7 @@ from maxllama.checkpoint.manager import Checkpointer, step_to_resume
 from maxllama.checkpoint.model_dir import restore_params_into
 from maxllama.config import ConfigError, dump_config
 from maxllama.config.schema import Config
-from maxllama.data.pipeline import build_datasets, unigram_entropy
+from maxllama.data.pipeline import batch_statistics, build_datasets, iterate, unigram_entropy
 from maxllama.model.build import define_model, init_params
 from maxllama.model.param_count import count_params
 from maxllama.parallel.mesh import build_mesh
@@ -41,8 +41,13 @@ class TrainSummary:
     params_active: int
 
 
+def global_batch(local: dict, sharding) -> dict:
+    """Assemble the global batch from this process's rows (each host read only its own)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
 def evaluate(eval_step, params, batches, batch_sharding) -> float:
-    totals = [eval_step(params, jax.device_put(b, batch_sharding)) for b in batches]
+    totals = [eval_step(params, global_batch(b, batch_sharding)) for b in batches]
     nll, count = (sum(float(t[i]) for t in totals) for i in range(2))
     return nll / max(count, 1.0)
 
@@ -61,7 +66,7 @@ def train(cfg: Config, *, log=print) -> TrainSummary:
 
     mesh = build_mesh(cfg.mesh)
     sharding = LogicalSharding(mesh, make_rules(cfg.mesh.rules))
-    data = build_datasets(cfg)
+    data = build_datasets(cfg, process_index=jax.process_index(), process_count=jax.process_count())
     if cfg.model.vocab_size < data.tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{data.tokenizer.vocab_size} tokens")
@@ -86,7 +91,7 @@ def train(cfg: Config, *, log=print) -> TrainSummary:
     batch_sharding = sharding.named(("batch", "seq"))
     train_step, eval_step = compile_steps(cfg, model, optimizer, schedule, state, batch_sharding)
     t0 = time.perf_counter()
-    train_step = train_step.lower(state, data.train[start]).compile()
+    train_step = train_step.lower(state, global_batch(data.validation[0], batch_sharding)).compile()
     compile_time = time.perf_counter() - t0
 
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
@@ -96,8 +101,12 @@ def train(cfg: Config, *, log=print) -> TrainSummary:
     entropy = unigram_entropy(data.validation)
     log(f"model: {counts.total / 1e6:.2f}M parameters, {counts.active / 1e6:.2f}M active per token; "
         f"{flops_per_token / 1e6:.1f} MFLOPs per token")
-    log(f"data: {data.n_train_files} train files ({data.train_tokens / 1e6:.1f}M tokens), "
-        f"{data.n_validation_files} validation files; mesh {dict(mesh.shape)}; peak {peak / 1e9:.1f} GFLOP/s "
+    skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(data.skipped.items())) or "none"
+    data_counts = {f"skipped_{reason}": n for reason, n in data.skipped.items()}
+    log(f"data: {data.train_documents} train documents ({data.train_tokens / 1e6:.1f}M tokens) from "
+        f"{len(data.sources)} source(s), {data.validation_documents} validation documents; skipped records: "
+        f"{skipped}; long documents split: {data.split_documents}")
+    log(f"mesh {dict(mesh.shape)}; peak {peak / 1e9:.1f} GFLOP/s "
         f"per device ({peak_source}); compiled in {compile_time:.1f}s")
     log(f"run directory: {run_dir}  (metrics.jsonl, tensorboard/, checkpoints/)")
 
@@ -117,7 +126,7 @@ def train(cfg: Config, *, log=print) -> TrainSummary:
         tokens_per_s = tokens_per_step * len(rows) / elapsed
         mfu = tokens_per_s * flops_per_token / peak_total
         for step, metrics in rows:
-            metrics_log.write({"step": step, **metrics, "tokens_per_s": tokens_per_s, "mfu": mfu,
+            metrics_log.write({"step": step, **metrics, **data_counts, "tokens_per_s": tokens_per_s, "mfu": mfu,
                                "step_time_s": elapsed / len(rows), "data_wait_s": data_wait / len(rows),
                                "tokens_seen": step * tokens_per_step, **({"val_loss": val_losses.pop(step)}
                                                                          if step in val_losses else {})})
@@ -130,14 +139,15 @@ def train(cfg: Config, *, log=print) -> TrainSummary:
     if start >= cfg.train.steps:
         log(f"the run already reached train.steps={cfg.train.steps}; raise train.steps to train further")
         val_loss = evaluate(eval_step, state.params, data.validation, batch_sharding)
-    batches = iter(data.train[start:].to_iter_dataset())
+    batches = iter(iterate(data.train, start, prefetch=cfg.data.prefetch, workers=cfg.data.workers))
     try:
         for step in range(start + 1, cfg.train.steps + 1):
             t_wait = time.perf_counter()
-            batch = jax.device_put(next(batches), batch_sharding)
+            local = next(batches)
+            batch = global_batch(local, batch_sharding)
             data_wait += time.perf_counter() - t_wait
             state, metrics = train_step(state, batch)
-            pending.append((step, metrics))
+            pending.append((step, {**metrics, **batch_statistics(local)}))
             progress.update(1)
             last = step == cfg.train.steps
             if step % cfg.train.eval_every == 0 or last:

@@ -1,0 +1,158 @@
+"""Document sources: plain-text files, JSONL (a named field), Parquet (a named column), this Python's
+standard library, local or anywhere fsspec reaches (gs://, s3://, ...).
+
+Bad records never stop a run and are never dropped silently: each one is skipped (or repaired) and counted
+by reason in a `Counter` the caller reports. A path that does not exist or matches no file is a config
+error, raised before any work starts.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+from maxllama.config import ConfigError
+from maxllama.config.schema import SourceConfig
+from maxllama.data.corpus import stdlib_files, stdlib_root
+
+STDLIB = "stdlib"
+MANIFEST = "manifest.json"
+
+
+class Document(NamedTuple):
+    id: str  # stable across runs and machines: decides the train/validation split
+    text: bytes | str
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def source_format(path: str, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    if path == STDLIB:
+        return "text"
+    if not is_remote(path) and (Path(path) / MANIFEST).exists():
+        return "store"
+    suffix = path.rsplit(".", 1)[-1].lower() if "." in path.rsplit("/", 1)[-1] else ""
+    return {"jsonl": "jsonl", "json": "jsonl", "parquet": "parquet"}.get(suffix, "text")
+
+
+def resolve_files(source: SourceConfig, key: str) -> list[str]:
+    """The files of a source, sorted; `key` names the config entry in errors (`data.sources[0].path`)."""
+    path = source.path
+    if path == STDLIB:
+        return [str(p) for p in stdlib_files()]
+    if is_remote(path):
+        import fsspec
+        fs, _, paths = fsspec.get_fs_token_paths(path)
+        files = sorted(p for p in paths if fs.isfile(p)) or sorted(fs.find(path))
+        files = [fs.unstrip_protocol(p) for p in files]
+    elif any(ch in path for ch in "*?["):
+        files = sorted(p for p in glob.glob(path, recursive=True) if Path(p).is_file())
+    elif Path(path).is_dir():
+        files = sorted(str(p) for p in Path(path).rglob("*") if p.is_file() and not p.name.startswith("."))
+    elif Path(path).is_file():
+        files = [path]
+    else:
+        raise ConfigError(f"{key}: {path} does not exist")
+    if not files:
+        raise ConfigError(f"{key}: {path} matches no file")
+    return files
+
+
+def document_root(source: SourceConfig) -> str:
+    """The prefix stripped from file paths to form document ids (so ids do not depend on where data lives)."""
+    if source.path == STDLIB:
+        return str(stdlib_root()) + "/"
+    base = source.path.split("*", 1)[0]
+    return base if base.endswith("/") else (str(Path(base).parent) + "/" if Path(base).is_file() else base + "/")
+
+
+def _read_bytes(path: str) -> bytes:
+    if is_remote(path):
+        import fsspec
+        with fsspec.open(path, "rb") as f:
+            return f.read()
+    return Path(path).read_bytes()
+
+
+def _is_empty(text: bytes | str) -> bool:
+    return not text.strip()
+
+
+def iter_documents(path: str, fmt: str, field: str, skipped: Counter, id_prefix: str = "") -> Iterator[Document]:
+    """Documents of one file; bad records are skipped and counted in `skipped` by reason."""
+    doc_id = path[len(id_prefix):] if id_prefix and path.startswith(id_prefix) else path
+    if fmt == "parquet":
+        yield from _parquet_documents(path, field, skipped, doc_id)
+        return
+    try:
+        data = _read_bytes(path)
+    except OSError:
+        skipped["unreadable_file"] += 1
+        return
+    if fmt == "text":
+        if _is_empty(data):
+            skipped["empty_document"] += 1
+        else:
+            yield Document(doc_id, data)
+        return
+    for line_number, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue  # blank lines separate nothing in JSONL: not records
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            skipped["invalid_json"] += 1
+            continue
+        text = record.get(field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            skipped["missing_field"] += 1
+        elif _is_empty(text):
+            skipped["empty_document"] += 1
+        else:
+            yield Document(f"{doc_id}:{line_number}", text)
+
+
+def _parquet_documents(path: str, field: str, skipped: Counter, doc_id: str) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+    try:
+        parquet = pq.ParquetFile(path if not is_remote(path) else _open_remote(path))
+    except Exception:  # pyarrow raises several types for truncated or foreign files
+        skipped["unreadable_file"] += 1
+        return
+    if field not in parquet.schema_arrow.names:
+        raise ConfigError(f"data.sources: {path} has no column '{field}' (columns: "
+                          f"{', '.join(parquet.schema_arrow.names)}); set the source's 'field'")
+    row = 0
+    for group in range(parquet.num_row_groups):
+        try:
+            column = parquet.read_row_group(group, columns=[field]).column(0).to_pylist()
+        except Exception:
+            skipped["unreadable_row_group"] += 1
+            continue
+        for text in column:
+            row += 1
+            if not isinstance(text, str):
+                skipped["missing_field"] += 1
+            elif _is_empty(text):
+                skipped["empty_document"] += 1
+            else:
+                yield Document(f"{doc_id}:{row}", text)
+
+
+def _open_remote(path: str):
+    import fsspec
+    return fsspec.open(path, "rb").open()
+
+
+def held_out(doc_id: str, val_fraction: float) -> bool:
+    """Deterministic validation membership by a hash of the document id."""
+    digest = hashlib.sha256(doc_id.encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < val_fraction
