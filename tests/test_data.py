@@ -300,3 +300,18 @@ def test_config_rejects_bad_sources():
         load_config(None, ["data.sources=[{pth: x}]"])
     with pytest.raises(ConfigError, match=r"data.sources\[0\].weight: must be positive"):
         load_config(None, ["data.sources=[{path: stdlib, weight: 0}]"])
+
+
+def test_remote_filesystems_through_fsspec():
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/corpus/a.txt", b"first document")
+    fs.pipe("/corpus/sub/b.txt", b"second document")
+    files = resolve_files(SourceConfig(path="memory://corpus"), "data.sources[0].path")
+    assert len(files) == 2
+    from maxllama.data.sources import document_root
+    root = document_root(files)
+    docs = [d for f in files for d in iter_documents(f, "text", "text", Counter(), root)]
+    assert [(d.id, d.text) for d in docs] == [("a.txt", b"first document"), ("sub/b.txt", b"second document")]
+    with pytest.raises(ConfigError, match="matches no file"):
+        resolve_files(SourceConfig(path="memory://corpus/*.jsonl"), "data.sources[0].path")

@@ -45,7 +45,7 @@ def test_metrics_rows_follow_the_run_directory_contract(trained):
     assert [r["step"] for r in rows] == list(range(1, 31))  # one row per step, none lost or repeated on resume
     for row in rows:
         for key in ["loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "load_balance_loss",
-                    "router_z_loss", "expert_load_max"]:
+                    "router_z_loss", "expert_load_max", "documents", "padding_fraction", "data_wait_s"]:
             assert np.isfinite(row[key]), key
     assert {r["step"] for r in rows if "val_loss" in r} == {10, 20, 30}
     assert (run_dir / "config.yaml").exists()
@@ -58,6 +58,11 @@ def test_rerunning_the_command_resumes(trained):
     assert any("resumed from" in line and line.endswith("/20") for line in logs)
     assert any("already reached train.steps=30" in line for line in logs)
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())[-1] == 30
+    from maxllama.checkpoint.manager import Checkpointer
+    checkpointer = Checkpointer(run_dir / "checkpoints")
+    # The Grain iterator position saved with the checkpoint agrees with the step (the cross-check on resume).
+    assert checkpointer.data_state(30) == {"step": 30, "iterator_start": 20, "iterator": {"next_index": 10}}
+    checkpointer.close()
 
 
 def test_learning_rate_in_metrics_follows_schedule(trained):

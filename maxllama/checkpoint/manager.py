@@ -38,15 +38,24 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: TrainState, *, force: bool = False) -> bool:
-        """Save when `step` is due (every `every_steps`, or forced); the step is passed in rather than read
-        from `state` so that deciding never waits for the device."""
-        due = force or (self.every_steps > 0 and step % self.every_steps == 0)
-        if not due or step in self.manager.all_steps():
+    def due(self, step: int) -> bool:
+        return self.every_steps > 0 and step % self.every_steps == 0 and step not in self.manager.all_steps()
+
+    def save(self, step: int, state: TrainState, *, data_state: dict | None = None) -> bool:
+        """Save `state` as checkpoint `step` (passed in, not read from `state`, so nothing waits for the
+        device), with the data iterator's state as a cross-check for resuming."""
+        if step in self.manager.all_steps():
             return False
-        return self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state)),
-            force=True)
+        items = {"params": ocp.args.StandardSave(state.params), "opt_state": ocp.args.StandardSave(state.opt_state)}
+        if data_state is not None:
+            items["data"] = ocp.args.JsonSave(data_state)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def data_state(self, step: int) -> dict | None:
+        """The data-iterator state saved with checkpoint `step`, if any."""
+        if "data" not in (self.manager.item_metadata(step) or {}):
+            return None
+        return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
 
     def save_params(self, step: int, params: dict) -> None:
         self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)

@@ -85,8 +85,9 @@ def plan_units(sources: Sequence[SourceConfig]) -> list[WorkUnit]:
         fmt = source_format(source.path, source.format)
         if fmt == "store":
             raise ValueError(f"data.sources[{i}].path: {source.path} is already a token store")
-        prefix = document_root(source)
-        for path in resolve_files(source, f"data.sources[{i}].path"):
+        files = resolve_files(source, f"data.sources[{i}].path")
+        prefix = document_root(files)
+        for path in files:
             units.append(WorkUnit(len(units), path, fmt, source.field, prefix))
     return units
 

@@ -17,7 +17,7 @@ from typing import Iterator, NamedTuple
 
 from maxllama.config import ConfigError
 from maxllama.config.schema import SourceConfig
-from maxllama.data.corpus import stdlib_files, stdlib_root
+from maxllama.data.corpus import stdlib_files
 
 STDLIB = "stdlib"
 MANIFEST = "manifest.json"
@@ -66,12 +66,17 @@ def resolve_files(source: SourceConfig, key: str) -> list[str]:
     return files
 
 
-def document_root(source: SourceConfig) -> str:
-    """The prefix stripped from file paths to form document ids (so ids do not depend on where data lives)."""
-    if source.path == STDLIB:
-        return str(stdlib_root()) + "/"
-    base = source.path.split("*", 1)[0]
-    return base if base.endswith("/") else (str(Path(base).parent) + "/" if Path(base).is_file() else base + "/")
+def document_root(files: list[str]) -> str:
+    """The folder shared by all files, with its trailing '/': stripped from paths to form document ids, so
+    ids (and the validation split) do not depend on where the data lives."""
+    folders = [f.rsplit("/", 1)[0].split("/") for f in files]
+    common = folders[0]
+    for parts in folders[1:]:
+        n = 0
+        while n < min(len(common), len(parts)) and common[n] == parts[n]:
+            n += 1
+        common = common[:n]
+    return "/".join(common) + "/"
 
 
 def _read_bytes(path: str) -> bytes:

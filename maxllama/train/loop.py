@@ -59,6 +59,17 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # host process peak RSS (KB -> GB)
 
 
+def _cross_check_data_position(saved: dict | None, step: int, log) -> None:
+    """The data position is the step (batches are a function of it); the saved Grain iterator state must
+    agree. A disagreement means the data changed under the run: say so, loudly."""
+    if not saved or "next_index" not in saved.get("iterator", {}):
+        return
+    position = saved["iterator_start"] + saved["iterator"]["next_index"]
+    if position != step:
+        log(f"warning: the data iterator saved with checkpoint {step} was at batch {position}; "
+            f"resuming at batch {step}, the position the step implies")
+
+
 def train(cfg: Config, *, log=print) -> TrainSummary:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +97,7 @@ def train(cfg: Config, *, log=print) -> TrainSummary:
     if resume_step is not None:
         state = checkpointer.restore(resume_step, state)
         log(f"resumed from {checkpointer.directory}/{resume_step}")
+        _cross_check_data_position(checkpointer.data_state(resume_step), resume_step, log)
     start = int(state.step)
 
     batch_sharding = sharding.named(("batch", "seq"))
@@ -158,7 +170,9 @@ def train(cfg: Config, *, log=print) -> TrainSummary:
                 progress.write(f"step {step}: val_loss {val_loss:.4f}  (unigram entropy {entropy:.4f})")
             if step % cfg.train.log_every == 0 or step in val_losses or last:
                 flush()
-            checkpointer.save(step, state, force=last)
+            if last or checkpointer.due(step):
+                checkpointer.save(step, state, data_state={"step": step, "iterator_start": start,
+                                                           "iterator": batches.get_state()})
     finally:
         progress.close()
         metrics_log.close()
