@@ -20,6 +20,9 @@ def run(*args, cwd=None):
      "model.vocab_size: 100 is smaller than the tokenizer's 265 tokens"),
     (["config", "show", "experiments/tiny.yaml", "optim.schedule=linear"], "optim.schedule: must be one of"),
     (["convert", "hf-import", "no/such/dir", "out"], "no/such/dir/config.json: not found"),
+    (["prepare", "no/such/file.txt", "--out", "unused"], "data.sources[0].path: no/such/file.txt does not exist"),
+    (["train", "experiments/tiny.yaml", "data.sources=[{path: no/such/dir}]"],
+     "data.sources[0].path: no/such/dir does not exist"),
     (["convert", "hf-export", "no/such/run", "out"], "no/such/run: not a model directory"),
 ])
 def test_user_errors_exit_2_with_one_line(args, needle, tmp_path):
@@ -32,7 +35,7 @@ def test_user_errors_exit_2_with_one_line(args, needle, tmp_path):
 
 def test_help_on_every_command():
     for args in [[], ["train"], ["config"], ["config", "show"], ["convert"], ["convert", "hf-import"],
-                 ["convert", "hf-export"], ["sample"], ["score"]]:
+                 ["convert", "hf-export"], ["sample"], ["score"], ["prepare"]]:
         result = run(*args, "--help")
         assert result.returncode == 0 and "usage: maxllama" in result.stdout
 

@@ -37,10 +37,17 @@ def source_format(path: str, declared: str) -> str:
         return declared
     if path == STDLIB:
         return "text"
-    if not is_remote(path) and (Path(path) / MANIFEST).exists():
+    if (not is_remote(path) and (Path(path) / MANIFEST).exists()) or (is_remote(path) and _remote_exists(
+            f"{path.rstrip('/')}/{MANIFEST}")):
         return "store"
     suffix = path.rsplit(".", 1)[-1].lower() if "." in path.rsplit("/", 1)[-1] else ""
     return {"jsonl": "jsonl", "json": "jsonl", "parquet": "parquet"}.get(suffix, "text")
+
+
+def _remote_exists(path: str) -> bool:
+    import fsspec
+    fs, _, (stripped,) = fsspec.get_fs_token_paths(path)
+    return fs.exists(stripped)
 
 
 def resolve_files(source: SourceConfig, key: str) -> list[str]:

@@ -94,9 +94,13 @@ def create_array(path: str, shape: int, dtype: str):
 
 
 def read_manifest(store: str) -> dict:
-    path = Path(store) / MANIFEST
+    path = f"{store}/{MANIFEST}"
     try:
-        return json.loads(path.read_text())
+        if "://" in str(store):
+            import fsspec
+            with fsspec.open(path, "r") as f:
+                return json.loads(f.read())
+        return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"{store}: not a token store (no {MANIFEST}); create one with `maxllama prepare`") from None
     except json.JSONDecodeError as e:
