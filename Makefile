@@ -8,7 +8,7 @@ CONFIG ?= experiments/tiny.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-slow bench bench-data lint clean
+.PHONY: install train test test-slow bench bench-data bench-ckpt lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench: $(STAMP)  ## throughput, MFU, compile time and peak memory of the tiny mo
 
 bench-data: $(STAMP)  ## token-store preparation MB/s and packed-batch tokens/s
 	$(PY) -m maxllama.data.benchmark $(ARGS)
+
+bench-ckpt: $(STAMP)  ## checkpoint save / async-blocked / restore times (tiny and ~300M parameters)
+	$(PY) -m maxllama.checkpoint.benchmark $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff

@@ -29,6 +29,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return UserError, ConfigError, MeshError, ResumeError, InteropError, FileNotFoundError
 
 
+def _training_stopped() -> type[BaseException]:
+    from maxllama.checkpoint.preemption import TrainingStopped
+    return TrainingStopped
+
+
 def _split_config_and_overrides(args: Sequence[str], default: str | None) -> tuple[str | None, list[str]]:
     if args and "=" not in args[0]:
         return args[0], list(args[1:])
@@ -207,6 +212,18 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint_list(ns: argparse.Namespace) -> int:
+    from maxllama.checkpoint.inspect import list_checkpoints
+    print(list_checkpoints(ns.run_dir))
+    return 0
+
+
+def cmd_checkpoint_inspect(ns: argparse.Namespace) -> int:
+    from maxllama.checkpoint.inspect import inspect_checkpoint
+    print(inspect_checkpoint(ns.checkpoint))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maxllama", description="Pretrain Llama-4-style models with JAX.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -288,6 +305,20 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     prep.set_defaults(func=cmd_prepare)
+
+    ckpt = commands.add_parser("checkpoint", help="list and inspect checkpoints",
+                               description="List a run's checkpoints or inspect one, from metadata alone.")
+    ckpt_commands = ckpt.add_subparsers(dest="checkpoint_command", required=True, metavar="SUBCOMMAND")
+    ckpt_list = ckpt_commands.add_parser("list", help="steps, sizes and items of a run's checkpoints",
+                                         description="Steps, sizes, items and save times of RUN_DIR/checkpoints; "
+                                                     "interrupted saves are shown separately.")
+    ckpt_list.add_argument("run_dir", metavar="RUN_DIR")
+    ckpt_list.set_defaults(func=cmd_checkpoint_list)
+    ckpt_inspect = ckpt_commands.add_parser(
+        "inspect", help="config summary, data position and tree of shapes of one checkpoint",
+        description="Inspect RUN_DIR (its newest checkpoint) or RUN_DIR/checkpoints/STEP.")
+    ckpt_inspect.add_argument("checkpoint", metavar="CKPT")
+    ckpt_inspect.set_defaults(func=cmd_checkpoint_inspect)
     return parser
 
 
@@ -302,6 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("maxllama: interrupted", file=sys.stderr)
         return 130
+    except _training_stopped() as e:
+        print(f"maxllama: stopped: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

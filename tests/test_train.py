@@ -61,7 +61,11 @@ def test_rerunning_the_command_resumes(trained):
     from maxllama.checkpoint.manager import Checkpointer
     checkpointer = Checkpointer(run_dir / "checkpoints")
     # The Grain iterator position saved with the checkpoint agrees with the step (the cross-check on resume).
-    assert checkpointer.data_state(30) == {"step": 30, "iterator_start": 20, "iterator": {"next_index": 10}}
+    meta = checkpointer.meta(30)
+    assert meta["data"] == {"step": 30, "iterator_start": 20, "iterator": {"next_index": 10}}
+    assert meta["seed"] == 0 and "n_layers: 4" in meta["config"]
+    assert meta["metap"]["parameters"]["lm_head"] == {"role": "readout", "fan_in": 32, "init_std": 0.02,
+                                                      "lr_multiplier": 1.0, "weight_decay_multiplier": 1.0}
     checkpointer.close()
 
 

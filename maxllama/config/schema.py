@@ -105,6 +105,8 @@ class TrainConfig(Section):
     load_balance_weight: float = Field(0.01, description="Weight of the MoE load-balancing loss.")
     router_z_weight: float = Field(0.001, description="Weight of the router z-loss.")
     grad_clip: Optional[float] = Field(1.0, description="Clip the global gradient norm to this; null: no clipping.")
+    nonfinite: Literal["skip", "stop"] = Field(
+        "skip", description="A NaN/Inf loss or gradient: skip that update (counted) or stop the run.")
 
 
 class OptimConfig(Section):
@@ -120,8 +122,12 @@ class OptimConfig(Section):
 
 
 class CheckpointConfig(Section):
-    every_steps: int = Field(0, description="Save a checkpoint every this many steps; 0: only at the end.")
-    keep: int = Field(3, description="Checkpoints kept (the newest ones).")
+    every_steps: int = Field(0, description="Save a checkpoint every this many steps; 0: only by time and at the end.")
+    every_minutes: float = Field(0.0, description="Also save when this many minutes passed since the last save; 0: off.")
+    keep: int = Field(3, description="Checkpoints kept: the newest ones (plus those kept by keep_every).")
+    keep_every: int = Field(0, description="Also keep every checkpoint whose step is a multiple of this; 0: off.")
+    async_save: bool = Field(True, description="Write arrays in the background while training goes on.")
+    grace_seconds: float = Field(120.0, description="On SIGTERM/SIGINT, time allowed for the final save before exit.")
 
 
 class SourceConfig(Section):
@@ -209,6 +215,9 @@ def validate_consistency(cfg: Config) -> list[tuple[str, str]]:
         check(value > 0, key, f"must be positive, got {value}")
     for key, value in {"model.moe_every": m.moe_every, "model.nope_every": m.nope_every,
                        "optim.warmup_steps": o.warmup_steps, "checkpoint.every_steps": cfg.checkpoint.every_steps,
+                       "checkpoint.every_minutes": cfg.checkpoint.every_minutes,
+                       "checkpoint.keep_every": cfg.checkpoint.keep_every,
+                       "checkpoint.grace_seconds": cfg.checkpoint.grace_seconds,
                        "optim.weight_decay": o.weight_decay, "train.load_balance_weight": t.load_balance_weight,
                        "train.router_z_weight": t.router_z_weight}.items():
         check(value >= 0, key, f"must be >= 0, got {value}")

@@ -53,3 +53,19 @@ class Parametrization:
 
 def parametrization_for(cfg: Config) -> Parametrization:
     return Parametrization(name="standard", base_init_std=cfg.metap.init_std)
+
+
+def describe(parametrization: Parametrization, metadata: dict) -> dict:
+    """Every parameter's resolved init std, LR and weight-decay multipliers, and the model-wide multipliers:
+    what a checkpoint records so that a run can be reproduced and compared."""
+    import jax
+    table = jax.tree.map(
+        lambda m: {"role": m["role"], "fan_in": m["fan_in"],
+                   "init_std": None if m["role"] == "vector" else parametrization.init_std(m["role"], m["fan_in"]),
+                   "lr_multiplier": parametrization.lr_multiplier(m["role"], m["fan_in"]),
+                   "weight_decay_multiplier": parametrization.weight_decay_multiplier(m["role"])},
+        metadata, is_leaf=lambda x: isinstance(x, dict) and "role" in x)
+    return {"name": parametrization.name, "output_multiplier": parametrization.output_multiplier,
+            "residual_multiplier": parametrization.residual_multiplier,
+            "attention_scale_exponent": parametrization.attention_scale_exponent,
+            "parameters": table}

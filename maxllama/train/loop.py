@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import resource
 import time
@@ -10,12 +11,14 @@ from pathlib import Path
 import jax
 from tqdm import tqdm
 
-from maxllama.checkpoint.manager import Checkpointer, step_to_resume
+from maxllama.checkpoint.manager import Checkpointer, ResumeError, check_resume_policy
 from maxllama.checkpoint.model_dir import restore_params_into
+from maxllama.checkpoint.preemption import NonFiniteStop, Preempted, preemption_signals
 from maxllama.config import ConfigError, dump_config
 from maxllama.config.schema import Config
 from maxllama.data.pipeline import batch_statistics, build_datasets, iterate, unigram_entropy
 from maxllama.model.build import define_model, init_params
+from maxllama.metap.parametrization import describe
 from maxllama.model.param_count import count_params
 from maxllama.parallel.mesh import build_mesh
 from maxllama.parallel.rules import LogicalSharding, make_rules
@@ -85,20 +88,25 @@ def train(cfg: Config, *, log=print) -> TrainSummary:
     counts = count_params(cfg, model)
     schedule = make_schedule(cfg.optim, cfg.train.steps)
     optimizer = build_optimizer(cfg, model.metadata, model.parametrization, schedule)
-    checkpointer = Checkpointer(run_dir / "checkpoints", every_steps=cfg.checkpoint.every_steps,
-                                keep=cfg.checkpoint.keep)
-    resume_step = step_to_resume(checkpointer, cfg.resume)
-    if resume_step is None and cfg.init_from:
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    look_for_checkpoint = check_resume_policy(checkpointer, cfg.resume)
+    if not look_for_checkpoint and cfg.init_from:
         params, init_step = restore_params_into(cfg.init_from, cfg, model, sharding)
         log(f"initialised from {cfg.init_from} (step {init_step}); optimizer and data start fresh")
     else:
         params = init_params(cfg, model, sharding)
     state = init_state(params, optimizer)
-    if resume_step is not None:
-        state = checkpointer.restore(resume_step, state)
-        log(f"resumed from {checkpointer.directory}/{resume_step}")
-        _cross_check_data_position(checkpointer.data_state(resume_step), resume_step, log)
+    if look_for_checkpoint:
+        restored = checkpointer.restore_newest(state, log)
+        if restored is None and cfg.resume == "require":
+            raise ResumeError(f"resume: 'require' but no checkpoint in {checkpointer.directory} can be restored")
+        if restored is not None:
+            state = restored
+            step = int(state.step)
+            log(f"resumed from {checkpointer.directory}/{step}")
+            _cross_check_data_position((checkpointer.meta(step) or {}).get("data"), step, log)
     start = int(state.step)
+    metap_table = describe(model.parametrization, model.metadata)
 
     batch_sharding = sharding.named(("batch", "seq"))
     train_step, eval_step = compile_steps(cfg, model, optimizer, schedule, state, batch_sharding)
@@ -130,8 +138,12 @@ def train(cfg: Config, *, log=print) -> TrainSummary:
     intervals: list[tuple[int, float]] = []  # (steps, seconds) between flushes, evaluation time excluded
     interval_start, data_wait, val_loss = time.perf_counter(), 0.0, float("nan")
 
+    nonfinite_steps = 0
+
     def flush() -> None:
-        nonlocal interval_start, data_wait
+        nonlocal interval_start, data_wait, nonfinite_steps
+        if not pending:
+            return
         rows = jax.device_get(pending)
         elapsed = time.perf_counter() - interval_start
         intervals.append((len(rows), elapsed))
@@ -143,6 +155,13 @@ def train(cfg: Config, *, log=print) -> TrainSummary:
                                "tokens_seen": step * tokens_per_step, **({"val_loss": val_losses.pop(step)}
                                                                          if step in val_losses else {})})
         metrics_log.flush()
+        bad = [step for step, metrics in rows if metrics.get("nonfinite")]
+        nonfinite_steps += len(bad)
+        if bad and cfg.train.nonfinite == "stop":
+            raise NonFiniteStop(f"non-finite loss or gradient at step {bad[0]} (the update was not applied); "
+                                f"lower optim.lr, check the data, or set train.nonfinite=skip")
+        if bad:
+            progress.write(f"skipped the non-finite update of step(s) {bad} ({nonfinite_steps} so far)")
         progress.set_postfix(loss=f"{float(rows[-1][1]['loss']):.3f}", tok_s=f"{tokens_per_s:,.0f}",
                              mfu=f"{mfu:.1%}")
         pending.clear()
@@ -152,7 +171,18 @@ def train(cfg: Config, *, log=print) -> TrainSummary:
         log(f"the run already reached train.steps={cfg.train.steps}; raise train.steps to train further")
         val_loss = evaluate(eval_step, state.params, data.validation, batch_sharding)
     batches = iter(iterate(data.train, start, prefetch=cfg.data.prefetch, workers=cfg.data.workers))
-    try:
+
+    def save(step: int, *, wait: bool = False) -> None:
+        flush()  # fetches the step's metrics first: a non-finite run stops before it saves
+        checkpointer.save(step, state, wait=wait, meta={
+            "data": {"step": step, "iterator_start": start, "iterator": batches.get_state()},
+            "config": dump_config(cfg), "seed": cfg.seed, "metap": metap_table})
+
+    with contextlib.ExitStack() as cleanup:
+        preemption = cleanup.enter_context(preemption_signals())
+        cleanup.callback(checkpointer.close)
+        cleanup.callback(metrics_log.close)
+        cleanup.callback(progress.close)
         for step in range(start + 1, cfg.train.steps + 1):
             t_wait = time.perf_counter()
             local = next(batches)
@@ -170,13 +200,15 @@ def train(cfg: Config, *, log=print) -> TrainSummary:
                 progress.write(f"step {step}: val_loss {val_loss:.4f}  (unigram entropy {entropy:.4f})")
             if step % cfg.train.log_every == 0 or step in val_losses or last:
                 flush()
+            if preemption.requested:
+                t_save = time.perf_counter()
+                save(step, wait=True)
+                took = time.perf_counter() - t_save
+                late = f" (over the {cfg.checkpoint.grace_seconds:.0f} s grace period)" if took > cfg.checkpoint.grace_seconds else ""
+                raise Preempted(f"{preemption.name}: saved step {step} in {took:.1f} s{late}; "
+                                f"re-run the same command to resume")
             if last or checkpointer.due(step):
-                checkpointer.save(step, state, data_state={"step": step, "iterator_start": start,
-                                                           "iterator": batches.get_state()})
-    finally:
-        progress.close()
-        metrics_log.close()
-        checkpointer.close()
+                save(step)
 
     measured = intervals[1:] or intervals  # the first interval pays for warm-up
     n = sum(steps for steps, _ in measured)

@@ -26,10 +26,16 @@ def train_step_fn(cfg: Config, model: ModelDef, optimizer: optax.GradientTransfo
         return training_loss(out, batch, cfg.train)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        (total, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        grad_norm = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics |= {"grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
+        # A NaN/Inf loss or gradient leaves the state as it was: a non-finite state never exists to be saved.
+        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
+        metrics |= {"grad_norm": grad_norm, "learning_rate": schedule(state.step),
+                    "nonfinite": 1.0 - finite.astype(jnp.float32)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step

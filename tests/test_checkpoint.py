@@ -1,0 +1,229 @@
+"""Fault tolerance: exact resume, kill -9, SIGTERM, resharding, corrupted checkpoints, non-finite steps.
+
+Processes that must die run as subprocesses (`python -m maxllama train ...`); the small model trains a step
+in tens of milliseconds, so a run of 30 steps is over in seconds.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from maxllama.checkpoint.manager import Checkpointer
+from maxllama.train.metrics import read_metrics
+from tests.conftest import SMALL_MODEL, small_config
+
+STEPS = 30
+RUN = [*SMALL_MODEL, f"train.steps={STEPS}", "optim.warmup_steps=5", "train.eval_every=1000", "train.log_every=1",
+       "train.eval_batches=1", "logging.progress=false", "logging.tensorboard=false", "checkpoint.every_steps=5"]
+
+
+def start(run_dir, *extra):
+    return subprocess.Popen([sys.executable, "-m", "maxllama", "train", *RUN, f"run.dir={run_dir}", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(run_dir, *extra):
+    process = start(run_dir, *extra)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    return out + err
+
+
+def wait_for_step(run_dir, step, process):
+    path = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert process.poll() is None, process.communicate()[1]
+        if path.exists() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines()[-3:]
+                                 if line.strip()):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def losses(run_dir):
+    return {row["step"]: row["loss"] for row in read_metrics(run_dir)}
+
+
+def final_params(run_dir):
+    checkpointer = Checkpointer(run_dir / "checkpoints")
+    step = checkpointer.latest_step()
+    import orbax.checkpoint as ocp
+    params = checkpointer.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore())).params
+    checkpointer.close()
+    return step, params
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    finish(run_dir)
+    return run_dir
+
+
+def assert_same_run(run_dir, reference):
+    ours, theirs = losses(run_dir), losses(reference)
+    assert sorted(ours) == list(range(1, STEPS + 1))  # every step logged once, none lost or repeated
+    assert ours == theirs  # bitwise: the same floats, not merely close
+    (step, params), (ref_step, ref_params) = final_params(run_dir), final_params(reference)
+    assert step == ref_step == STEPS
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_the_current_step_and_resume_matches(uninterrupted, tmp_path):
+    process = start(tmp_path)
+    wait_for_step(tmp_path, 12, process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 75, err  # "preempted: requeue me"
+    saved = Checkpointer(tmp_path / "checkpoints").latest_step()
+    assert saved >= 12  # the step it was at when the signal came
+    assert f"saved step {saved}" in err and "re-run the same command to resume" in err
+    out = finish(tmp_path)
+    assert f"resumed from {tmp_path / 'checkpoints'}/{saved}" in out
+    assert_same_run(tmp_path, uninterrupted)
+
+
+def test_kill_9_loses_only_steps_since_the_last_checkpoint(uninterrupted, tmp_path):
+    process = start(tmp_path)
+    wait_for_step(tmp_path, random.Random(os.getpid()).randint(8, 24), process)
+    process.kill()
+    process.wait()
+    checkpointer = Checkpointer(tmp_path / "checkpoints")
+    saved = checkpointer.latest_step()
+    checkpointer.close()
+    assert saved is not None and saved % 5 == 0
+    out = finish(tmp_path)
+    assert f"/checkpoints/{saved}" in out
+    assert_same_run(tmp_path, uninterrupted)
+
+
+def test_corrupted_newest_checkpoint_falls_back_to_the_previous(tmp_path):
+    finish(tmp_path, "train.steps=20")
+    newest = tmp_path / "checkpoints" / "20" / "params"
+    for path in newest.rglob("*"):
+        if path.is_file() and path.stat().st_size > 0 and "manifest" not in path.name and path.suffix != ".json":
+            path.write_bytes(b"\0" * 7)  # a torn write
+    out = finish(tmp_path, "train.steps=25")
+    assert "warning: checkpoint" in out and "/20 cannot be restored" in out
+    assert f"resumed from {tmp_path / 'checkpoints'}/15" in out
+
+
+def test_nonfinite_updates_are_skipped_or_stop_the_run(tmp_path):
+    out = finish(tmp_path / "skip", "optim.lr=1e30", "train.grad_clip=null")
+    rows = read_metrics(tmp_path / "skip")
+    assert sum(r["nonfinite"] for r in rows) > 0 and "skipped the non-finite update" in out
+    _, params = final_params(tmp_path / "skip")
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))  # never a non-finite state saved
+    process = start(tmp_path / "stop", "optim.lr=1e30", "train.grad_clip=null", "train.nonfinite=stop")
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 3 and "non-finite loss or gradient at step" in err and "Traceback" not in err
+
+
+RESHARD = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, numpy as np
+    sys.path.insert(0, os.getcwd())
+    from tests.conftest import small_config
+    from maxllama.checkpoint.manager import Checkpointer
+    from maxllama.model.build import define_model, init_params
+    from maxllama.parallel.mesh import build_mesh
+    from maxllama.parallel.rules import LogicalSharding
+    from maxllama.train.optimizer import build_optimizer
+    from maxllama.train.schedules import make_schedule
+    from maxllama.train.step import init_state
+
+    def state_on(mesh_overrides, devices):
+        cfg = small_config(*mesh_overrides)
+        sharding = LogicalSharding(build_mesh(cfg.mesh, devices))
+        model = define_model(cfg, sharding)
+        optimizer = build_optimizer(cfg, model.metadata, model.parametrization, make_schedule(cfg.optim, 10))
+        return init_state(init_params(cfg, model, sharding), optimizer), sharding
+
+    saved, sharding = state_on(["mesh.fsdp=8"], jax.devices())
+    embed = saved.params["embed"]
+    assert len(embed.sharding.device_set) == 8 and embed.addressable_shards[0].data.shape[1] == 32 // 8
+    checkpointer = Checkpointer(sys.argv[1])
+    checkpointer.save(1, saved, wait=True)
+    for overrides, devices in [(["mesh.fsdp=-1"], jax.devices()[:1]), (["mesh.data=2", "mesh.fsdp=4"], jax.devices())]:
+        target, _ = state_on(overrides, devices)
+        restored = checkpointer.restore(1, target)
+        for a, b, t in zip(*(jax.tree.leaves((s.params, s.opt_state)) for s in (restored, saved, target))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            assert a.sharding == t.sharding  # laid out for the new mesh
+    print("resharded", [d.id for d in restored.params["embed"].sharding.device_set])
+""")
+
+
+def test_checkpoint_saved_on_8_devices_restores_on_1_and_on_2x4(tmp_path):
+    result = subprocess.run([sys.executable, "-c", RESHARD, str(tmp_path / "ckpt")], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "resharded" in result.stdout
+
+
+def test_retention_keeps_the_newest_and_every_mth(tmp_path):
+    cfg = small_config("checkpoint.keep=2", "checkpoint.keep_every=10")
+    from maxllama.model.build import define_model, init_params
+    from maxllama.parallel.mesh import build_mesh
+    from maxllama.parallel.rules import LogicalSharding
+    from maxllama.train.step import TrainState
+    sharding = LogicalSharding(build_mesh(cfg.mesh))
+    params = init_params(cfg, define_model(cfg, sharding), sharding)
+    checkpointer = Checkpointer(tmp_path, cfg.checkpoint)
+    for step in range(5, 35, 5):
+        checkpointer.save(step, TrainState(step, params, params), wait=True)
+    assert checkpointer.steps() == [10, 20, 25, 30]
+    checkpointer.close()
+
+
+def test_checkpoint_list_and_inspect_commands(uninterrupted):
+    listing = subprocess.run([sys.executable, "-m", "maxllama", "checkpoint", "list", str(uninterrupted)],
+                             capture_output=True, text=True)
+    assert listing.returncode == 0, listing.stderr
+    steps = [int(line.split()[0]) for line in listing.stdout.splitlines()[1:] if line.split()[0].isdigit()]
+    assert steps == [20, 25, 30]  # checkpoint.keep = 3
+    assert "meta, opt_state, params" in listing.stdout
+    inspected = subprocess.run([sys.executable, "-m", "maxllama", "checkpoint", "inspect",
+                                str(uninterrupted / "checkpoints" / "25")], capture_output=True, text=True)
+    assert inspected.returncode == 0, inspected.stderr
+    out = inspected.stdout
+    assert "step 25" in out and "d_model 32, 4 layers" in out and "data position: batch 25" in out
+    assert "lm_head" in out and "(32, 272)" in out and "params: 25 arrays, 62,496 values" in out
+    missing = subprocess.run([sys.executable, "-m", "maxllama", "checkpoint", "list", "no/such/run"],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "no/such/run/checkpoints" in missing.stderr
+
+
+def test_save_policy_by_steps_and_by_minutes(tmp_path, monkeypatch):
+    from maxllama.checkpoint import manager
+    clock = [1000.0]
+    monkeypatch.setattr(manager.time, "monotonic", lambda: clock[0])
+    by_time = Checkpointer(tmp_path / "time", small_config("checkpoint.every_minutes=2").checkpoint)
+    assert not by_time.due(1)
+    clock[0] += 119
+    assert not by_time.due(2)
+    clock[0] += 2
+    assert by_time.due(3)
+    by_steps = Checkpointer(tmp_path / "steps", small_config("checkpoint.every_steps=5").checkpoint)
+    assert [s for s in range(1, 16) if by_steps.due(s)] == [5, 10, 15]
+    by_time.close()
+    by_steps.close()
+
+
+def test_init_from_starts_from_another_runs_parameters_only(uninterrupted, tmp_path):
+    out = finish(tmp_path, f"init_from={uninterrupted}", "train.steps=5")
+    assert f"initialised from {uninterrupted} (step 30); optimizer and data start fresh" in out
+    first = losses(tmp_path)[1]
+    assert abs(first - losses(uninterrupted)[STEPS]) < 0.5 < losses(uninterrupted)[1] - first
