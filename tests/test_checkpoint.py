@@ -227,3 +227,34 @@ def test_init_from_starts_from_another_runs_parameters_only(uninterrupted, tmp_p
     assert f"initialised from {uninterrupted} (step 30); optimizer and data start fresh" in out
     first = losses(tmp_path)[1]
     assert abs(first - losses(uninterrupted)[STEPS]) < 0.5 < losses(uninterrupted)[1] - first
+
+
+def test_async_save_is_not_corrupted_by_the_donated_steps_after_it(tmp_path):
+    from maxllama.data.pipeline import build_datasets
+    from maxllama.model.build import define_model, init_params
+    from maxllama.parallel.mesh import build_mesh
+    from maxllama.parallel.rules import LogicalSharding
+    from maxllama.train.optimizer import build_optimizer
+    from maxllama.train.schedules import make_schedule
+    from maxllama.train.step import compile_steps, init_state
+    cfg = small_config("model.d_model=256", "model.d_ff=1024", "model.d_ff_expert=512")  # ~10 MB of state
+    sharding = LogicalSharding(build_mesh(cfg.mesh))
+    model = define_model(cfg, sharding)
+    schedule = make_schedule(cfg.optim, cfg.train.steps)
+    optimizer = build_optimizer(cfg, model.metadata, model.parametrization, schedule)
+    state = init_state(init_params(cfg, model, sharding), optimizer)
+    batch_sharding = sharding.named(("batch", "seq"))
+    train_step, _ = compile_steps(cfg, model, optimizer, schedule, state, batch_sharding)
+    batches = build_datasets(cfg).train
+    state, _ = train_step(state, jax.device_put(batches[0], batch_sharding))
+    expected = jax.device_get(state.params)
+    checkpointer = Checkpointer(tmp_path, cfg.checkpoint)
+    checkpointer.save(1, state)  # returns while the write goes on
+    for step in range(1, 4):  # each step donates (reuses) the buffers of the state being written
+        state, _ = train_step(state, jax.device_put(batches[step], batch_sharding))
+    jax.block_until_ready(state)
+    checkpointer.manager.wait_until_finished()
+    restored = checkpointer.restore_params(1, state.params)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    checkpointer.close()
