@@ -80,7 +80,10 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_tree(target.params)),
             opt_state=ocp.args.StandardRestore(abstract_tree(target.opt_state))))
-        return TrainState(jnp.asarray(step, jnp.int32), restored.params, restored.opt_state)
+        step_array = jnp.asarray(step, jnp.int32)
+        if hasattr(target.step, "sharding"):
+            step_array = jax.device_put(step_array, target.step.sharding)
+        return TrainState(step_array, restored.params, restored.opt_state)
 
     def restore_newest(self, target: TrainState, log: Callable[[str], None]) -> TrainState | None:
         """The newest checkpoint that restores, warning about each broken one skipped; None if none."""

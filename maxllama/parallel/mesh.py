@@ -9,8 +9,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from maxllama.config.schema import MeshConfig
+from maxllama.parallel.axes import MESH_AXES
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 
 class MeshError(ValueError):

@@ -73,12 +73,13 @@ def _cross_check_data_position(saved: dict | None, step: int, log) -> None:
             f"resuming at batch {step}, the position the step implies")
 
 
-def train(cfg: Config, *, log=print) -> TrainSummary:
+def train(cfg: Config, *, log=print, devices=None) -> TrainSummary:
+    """Train as `cfg` says, on `devices` (default: all of them), resuming per `cfg.resume`."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
 
-    mesh = build_mesh(cfg.mesh)
+    mesh = build_mesh(cfg.mesh, devices)
     sharding = LogicalSharding(mesh, make_rules(cfg.mesh.rules))
     data = build_datasets(cfg, process_index=jax.process_index(), process_count=jax.process_count())
     if cfg.model.vocab_size < data.tokenizer.vocab_size:

@@ -7,6 +7,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from maxllama.config.schema import Config
 from maxllama.model.build import ModelDef, bind
@@ -64,4 +65,13 @@ def compile_steps(cfg: Config, model: ModelDef, optimizer, schedule, state: Trai
 
 
 def init_state(params: dict, optimizer: optax.GradientTransformation) -> TrainState:
-    return TrainState(jnp.zeros((), jnp.int32), params, jax.jit(optimizer.init)(params))
+    """The initial train state on the params' mesh: optimizer moments sharded like their parameters,
+    scalars (step, counts) replicated."""
+    param_shardings = shardings_of(params)
+    mesh = jax.tree.leaves(param_shardings)[0].mesh
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, sharding: sharding,
+                                          jax.eval_shape(optimizer.init, params), param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    return TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
