@@ -51,8 +51,12 @@ def _load(args: Sequence[str], default: str | None):
 
 def cmd_train(ns: argparse.Namespace) -> int:
     _, cfg, _ = _load(ns.args, DEFAULT_CONFIG)
+    from maxllama.parallel.distributed import initialize, is_primary
+    initialize(cfg.distributed)
     from maxllama.train.loop import train
     summary = train(cfg)
+    if not is_primary():
+        return 0
     ratio = summary.val_loss / summary.unigram_entropy
     print(f"final validation loss {summary.val_loss:.4f} nats/token = {ratio:.1%} of the byte unigram entropy "
           f"{summary.unigram_entropy:.4f} of the same validation data")

@@ -74,3 +74,39 @@ def test_invalid_meshes_are_clear_errors():
         resolve_axis_sizes({"data": 3, "fsdp": -1, "tensor": 1, "expert": 1}, 8)
     with pytest.raises(ConfigError, match="mesh.rules.expert: names mesh axis 'experts'"):
         load_config(None, ["mesh.rules={expert: experts}"])
+
+
+TWO_PROCESS_RUN = ["train.steps=10", "optim.warmup_steps=2", "train.batch_size=8", "train.eval_every=1000",
+                   "train.log_every=1", "train.eval_batches=1", "logging.progress=false", "logging.tensorboard=false",
+                   "checkpoint.every_steps=5"]
+
+
+def _train_command(run_dir):
+    from tests.conftest import SMALL_MODEL
+    return [sys.executable, "-m", "maxllama", "train", *SMALL_MODEL, *TWO_PROCESS_RUN, f"run.dir={run_dir}"]
+
+
+def test_two_processes_train_checkpoint_and_resume_like_one_process(tmp_path):
+    import os
+    import signal
+    import time
+    from maxllama.train.metrics import read_metrics
+    reference = subprocess.run(_train_command(tmp_path / "one"), capture_output=True, text=True, timeout=600,
+                               env={**os.environ, "MAXLLAMA_CPU_DEVICES": "8"})
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    launcher = ["launch/local/run.sh", "2", "4", "--", *_train_command(tmp_path / "two")]
+    first = subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "two" / "checkpoints" / "5").exists():
+        assert first.poll() is None and time.time() < deadline, first.communicate()[1][-2000:]
+        time.sleep(0.1)
+    first.send_signal(signal.SIGTERM)  # both processes save the step they agree on, then exit 75
+    _, err = first.communicate(timeout=300)
+    assert first.returncode in (0, 75), err[-2000:]
+    second = subprocess.run(launcher, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    one = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "one")}
+    two = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "two")}
+    assert sorted(two) == list(range(1, 11))
+    for step in one:
+        assert abs(one[step] - two[step]) <= 1e-5 * abs(one[step]), step

@@ -166,6 +166,15 @@ class MeshConfig(Section):
         return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "expert": self.expert}
 
 
+class DistributedConfig(Section):
+    coordinator: Optional[str] = Field(None, description="host:port of process 0; null: from the environment "
+                                                         "(MAXLLAMA_COORDINATOR) or the scheduler (SLURM, TPU VM).")
+    num_processes: Optional[int] = Field(None, description="Processes in the job; null: from the environment.")
+    process_id: Optional[int] = Field(None, description="This process's index; null: from the environment.")
+    cpu_devices_per_process: Optional[int] = Field(None, description="CPU devices each process exposes (testing "
+                                                                     "multi-host on one machine).")
+
+
 class MetaPConfig(Section):
     init_std: float = Field(0.02, description="Init std of every matrix (standard parametrization).")
 
@@ -189,6 +198,7 @@ class Config(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()
+    distributed: DistributedConfig = DistributedConfig()
     metap: MetaPConfig = MetaPConfig()
     logging: LoggingConfig = LoggingConfig()
 

@@ -20,6 +20,7 @@ from maxllama.data.pipeline import batch_statistics, build_datasets, iterate, un
 from maxllama.model.build import define_model, init_params
 from maxllama.metap.parametrization import describe
 from maxllama.model.param_count import count_params
+from maxllama.parallel.distributed import agree, is_primary, to_host
 from maxllama.parallel.mesh import build_mesh
 from maxllama.parallel.rules import LogicalSharding, make_rules
 from maxllama.train.flops import train_flops_per_token
@@ -51,12 +52,12 @@ def global_batch(local: dict, sharding) -> dict:
 
 def evaluate(eval_step, params, batches, batch_sharding) -> float:
     totals = [eval_step(params, global_batch(b, batch_sharding)) for b in batches]
-    nll, count = (sum(float(t[i]) for t in totals) for i in range(2))
+    nll, count = (sum(float(to_host(t[i])) for t in totals) for i in range(2))
     return nll / max(count, 1.0)
 
 
 def peak_memory_gb() -> float:
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         return stats["peak_bytes_in_use"] / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # host process peak RSS (KB -> GB)
@@ -74,10 +75,14 @@ def _cross_check_data_position(saved: dict | None, step: int, log) -> None:
 
 
 def train(cfg: Config, *, log=print, devices=None) -> TrainSummary:
-    """Train as `cfg` says, on `devices` (default: all of them), resuming per `cfg.resume`."""
+    """Train as `cfg` says, on `devices` (default: all of them), resuming per `cfg.resume`. With several
+    processes, each reads its share of the data and process 0 writes the run directory's files."""
+    primary = is_primary()
+    log = log if primary else (lambda *_: None)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if primary:
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
 
     mesh = build_mesh(cfg.mesh, devices)
     sharding = LogicalSharding(mesh, make_rules(cfg.mesh.rules))
@@ -103,10 +108,10 @@ def train(cfg: Config, *, log=print, devices=None) -> TrainSummary:
             raise ResumeError(f"resume: 'require' but no checkpoint in {checkpointer.directory} can be restored")
         if restored is not None:
             state = restored
-            step = int(state.step)
+            step = int(to_host(state.step))
             log(f"resumed from {checkpointer.directory}/{step}")
             _cross_check_data_position((checkpointer.meta(step) or {}).get("data"), step, log)
-    start = int(state.step)
+    start = int(to_host(state.step))
     metap_table = describe(model.parametrization, model.metadata)
 
     batch_sharding = sharding.named(("batch", "seq"))
@@ -131,8 +136,8 @@ def train(cfg: Config, *, log=print, devices=None) -> TrainSummary:
         f"per device ({peak_source}); compiled in {compile_time:.1f}s")
     log(f"run directory: {run_dir}  (metrics.jsonl, tensorboard/, checkpoints/)")
 
-    metrics_log = MetricsLog(run_dir, resume_step=start, tensorboard=cfg.logging.tensorboard)
-    progress = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.logging.progress,
+    metrics_log = MetricsLog(run_dir, resume_step=start, tensorboard=cfg.logging.tensorboard, enabled=primary)
+    progress = tqdm(total=cfg.train.steps, initial=start, disable=not (cfg.logging.progress and primary),
                     unit="step", dynamic_ncols=True)
     pending: list[tuple[int, dict]] = []  # device metrics not yet fetched: fetching every step would sync
     val_losses: dict[int, float] = {}
@@ -145,7 +150,7 @@ def train(cfg: Config, *, log=print, devices=None) -> TrainSummary:
         nonlocal interval_start, data_wait, nonfinite_steps
         if not pending:
             return
-        rows = jax.device_get(pending)
+        rows = to_host(pending)
         elapsed = time.perf_counter() - interval_start
         intervals.append((len(rows), elapsed))
         tokens_per_s = tokens_per_step * len(rows) / elapsed
@@ -201,14 +206,14 @@ def train(cfg: Config, *, log=print, devices=None) -> TrainSummary:
                 progress.write(f"step {step}: val_loss {val_loss:.4f}  (unigram entropy {entropy:.4f})")
             if step % cfg.train.log_every == 0 or step in val_losses or last:
                 flush()
-            if preemption.requested:
+            if agree(preemption.requested):
                 t_save = time.perf_counter()
                 save(step, wait=True)
                 took = time.perf_counter() - t_save
                 late = f" (over the {cfg.checkpoint.grace_seconds:.0f} s grace period)" if took > cfg.checkpoint.grace_seconds else ""
-                raise Preempted(f"{preemption.name}: saved step {step} in {took:.1f} s{late}; "
+                raise Preempted(f"{preemption.name or 'another process was signalled'}: saved step {step} in {took:.1f} s{late}; "
                                 f"re-run the same command to resume")
-            if last or checkpointer.due(step):
+            if last or agree(checkpointer.due(step)):
                 save(step)
 
     measured = intervals[1:] or intervals  # the first interval pays for warm-up
@@ -216,7 +221,7 @@ def train(cfg: Config, *, log=print, devices=None) -> TrainSummary:
     elapsed = sum(seconds for _, seconds in measured)
     tokens_per_s = tokens_per_step * n / elapsed if n else float("nan")
     return TrainSummary(
-        final_step=int(state.step), val_loss=val_loss, unigram_entropy=entropy, tokens_per_s=tokens_per_s,
+        final_step=int(to_host(state.step)), val_loss=val_loss, unigram_entropy=entropy, tokens_per_s=tokens_per_s,
         mfu=tokens_per_s * flops_per_token / peak_total, step_time_s=elapsed / n if n else float("nan"), compile_time_s=compile_time,
         peak_memory_gb=peak_memory_gb(), params_total=counts.total, params_active=counts.active)
 

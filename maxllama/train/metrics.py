@@ -23,11 +23,14 @@ class MetricsLog:
     process, and will be logged again.
     """
 
-    def __init__(self, run_dir: Path, *, resume_step: int, tensorboard: bool):
+    def __init__(self, run_dir: Path, *, resume_step: int, tensorboard: bool, enabled: bool = True):
+        """`enabled=False` (every process but the first of a multi-host job) writes nothing."""
         self.path = run_dir / "metrics.jsonl"
-        self._truncate_after(resume_step)
-        self._file = self.path.open("a")
-        self._writer = SummaryWriter(str(run_dir / "tensorboard")) if tensorboard else None
+        self.enabled = enabled
+        if enabled:
+            self._truncate_after(resume_step)
+        self._file = self.path.open("a") if enabled else None
+        self._writer = SummaryWriter(str(run_dir / "tensorboard")) if tensorboard and enabled else None
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
@@ -39,6 +42,8 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def write(self, row: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
         row = {key: _plain(value) for key, value in row.items()}
         self._file.write(json.dumps(row) + "\n")
         if self._writer is not None:
@@ -47,11 +52,15 @@ class MetricsLog:
                     self._writer.add_scalar(key, value, row["step"])
 
     def flush(self) -> None:
+        if not self.enabled:
+            return
         self._file.flush()
         if self._writer is not None:
             self._writer.flush()
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.flush()
         self._file.close()
         if self._writer is not None:
