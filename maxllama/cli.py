@@ -228,6 +228,22 @@ def cmd_checkpoint_inspect(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preflight(ns: argparse.Namespace) -> int:
+    _, cfg, _ = _load(ns.args, DEFAULT_CONFIG)
+    from maxllama.parallel.distributed import initialize
+    initialize(cfg.distributed)
+    from maxllama.model.build import define_model
+    from maxllama.model.param_count import count_params
+    from maxllama.train.preflight import DoesNotFit, preflight
+    try:
+        result = preflight(cfg)
+    except DoesNotFit as e:
+        print(f"maxllama: does not fit: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(result.report())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maxllama", description="Pretrain Llama-4-style models with JAX.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -309,6 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     prep.set_defaults(func=cmd_prepare)
+
+    pre = commands.add_parser(
+        "preflight", help="compile the train step for the configured mesh and report per-device memory and FLOPs",
+        description="Compile the train step ahead of time from abstract shapes (nothing allocated) for the "
+                    "configured mesh; report per-device parameters, optimizer state, temporaries and FLOPs; fail "
+                    "when it exceeds mesh.device_memory_gb. Simulate a mesh on CPU with MAXLLAMA_CPU_DEVICES=N.")
+    pre.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
+    pre.set_defaults(func=cmd_preflight)
 
     ckpt = commands.add_parser("checkpoint", help="list and inspect checkpoints",
                                description="List a run's checkpoints or inspect one, from metadata alone.")

@@ -110,3 +110,35 @@ def test_two_processes_train_checkpoint_and_resume_like_one_process(tmp_path):
     assert sorted(two) == list(range(1, 11))
     for step in one:
         assert abs(one[step] - two[step]) <= 1e-5 * abs(one[step]), step
+
+
+def test_preflight_reports_per_device_memory_and_refuses_what_does_not_fit():
+    import os
+    env = {**os.environ, "MAXLLAMA_CPU_DEVICES": "8"}
+    from tests.conftest import SMALL_MODEL
+    args = [sys.executable, "-m", "maxllama", "preflight", *SMALL_MODEL, "train.batch_size=8"]
+    one = subprocess.run([*args, "mesh.fsdp=8"], capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert "(8 devices); per device: parameters" in one.stdout and "model FLOPs per step" in one.stdout
+    small = subprocess.run([*args, "mesh.fsdp=8", "mesh.device_memory_gb=0.000001"], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert small.returncode == 2 and "does not fit" in small.stderr and "mesh.device_memory_gb" in small.stderr
+
+
+def test_preflight_shards_parameters_over_the_mesh():
+    script = textwrap.dedent("""
+        import os, sys
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        sys.path.insert(0, os.getcwd())
+        import jax
+        from tests.conftest import small_config
+        from maxllama.train.preflight import preflight
+        one = preflight(small_config("train.batch_size=8"), jax.devices()[:1])
+        eight = preflight(small_config("train.batch_size=8", "mesh.fsdp=8"))
+        print(one.params_gb / eight.params_gb, one.optimizer_gb / eight.optimizer_gb, eight.replicated)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    params_ratio, optimizer_ratio, replicated = result.stdout.strip().splitlines()[-1].split(" ", 2)
+    assert float(params_ratio) > 6 and float(optimizer_ratio) > 6  # FSDP splits nearly everything 8 ways
+    assert replicated == "[]"

@@ -158,6 +158,8 @@ class MeshConfig(Section):
     fsdp: int = Field(-1, description="Fully-sharded data-parallel axis size (-1: all remaining devices).")
     tensor: int = Field(1, description="Tensor-parallel axis size.")
     expert: int = Field(1, description="Expert-parallel axis size.")
+    device_memory_gb: Optional[float] = Field(None, description="Memory of one device; `maxllama preflight` fails "
+                                                                "when the step needs more. null: no check.")
     rules: Optional[dict[str, Optional[str | list[str]]]] = Field(
         None, description="Overrides of the logical-axis -> mesh-axis table (null keeps the default table).")
 

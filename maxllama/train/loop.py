@@ -17,7 +17,7 @@ from maxllama.checkpoint.preemption import NonFiniteStop, Preempted, preemption_
 from maxllama.config import ConfigError, dump_config
 from maxllama.config.schema import Config
 from maxllama.data.pipeline import batch_statistics, build_datasets, iterate, unigram_entropy
-from maxllama.model.build import define_model, init_params
+from maxllama.model.build import define_model, init_params, param_shardings
 from maxllama.metap.parametrization import describe
 from maxllama.model.param_count import count_params
 from maxllama.parallel.distributed import agree, is_primary, to_host
@@ -27,6 +27,7 @@ from maxllama.train.flops import train_flops_per_token
 from maxllama.train.metrics import MetricsLog
 from maxllama.train.optimizer import build_optimizer
 from maxllama.train.peak import peak_flops_per_device
+from maxllama.train.preflight import replicated_parameters
 from maxllama.train.schedules import make_schedule
 from maxllama.train.step import compile_steps, init_state
 
@@ -92,6 +93,10 @@ def train(cfg: Config, *, log=print, devices=None) -> TrainSummary:
                           f"{data.tokenizer.vocab_size} tokens")
     model = define_model(cfg, sharding)
     counts = count_params(cfg, model)
+    left_whole = replicated_parameters(model.abstract_params, param_shardings(model, sharding))
+    if left_whole:
+        log(f"warning: {len(left_whole)} large parameters are replicated on every device "
+            f"({', '.join(left_whole[:3])}...): check mesh.rules")
     schedule = make_schedule(cfg.optim, cfg.train.steps)
     optimizer = build_optimizer(cfg, model.metadata, model.parametrization, schedule)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
