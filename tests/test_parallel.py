@@ -142,3 +142,31 @@ def test_preflight_shards_parameters_over_the_mesh():
     params_ratio, optimizer_ratio, replicated = result.stdout.strip().splitlines()[-1].split(" ", 2)
     assert float(params_ratio) > 6 and float(optimizer_ratio) > 6  # FSDP splits nearly everything 8 ways
     assert replicated == "[]"
+
+
+def test_mesh_presets_and_dcn_split():
+    script = textwrap.dedent("""
+        import os, sys
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        sys.path.insert(0, os.getcwd())
+        from maxllama.config import load_config
+        from maxllama.parallel.mesh import MeshError, build_mesh
+        for overrides in (["mesh.preset=dp"], ["mesh.preset=fsdp"], ["mesh.preset=fsdp_tp"], ["mesh.preset=ep"],
+                          ["mesh.preset=fsdp_tp", "mesh.tensor=2"]):
+            cfg, _ = load_config(None, overrides)
+            print(" ".join(overrides), dict(build_mesh(cfg.mesh).shape))
+        cfg, _ = load_config(None, ["mesh.fsdp=-1", "mesh.dcn_fsdp=2"])
+        try:
+            build_mesh(cfg.mesh)
+        except MeshError as e:
+            print("dcn:", e)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert "mesh.preset=dp {'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1}" in lines
+    assert "mesh.preset=fsdp {'data': 1, 'fsdp': 8, 'tensor': 1, 'expert': 1}" in lines
+    assert "mesh.preset=fsdp_tp {'data': 1, 'fsdp': 1, 'tensor': 8, 'expert': 1}" in lines  # tensor within a host
+    assert "mesh.preset=ep {'data': 1, 'fsdp': 1, 'tensor': 1, 'expert': 8}" in lines
+    assert "mesh.preset=fsdp_tp mesh.tensor=2 {'data': 1, 'fsdp': 4, 'tensor': 2, 'expert': 1}" in lines
+    assert any(line.startswith("dcn: mesh.dcn_*: cannot split") for line in lines)  # one host: nothing to split

@@ -154,10 +154,15 @@ class DataConfig(Section):
 
 
 class MeshConfig(Section):
+    preset: Optional[Literal["dp", "fsdp", "fsdp_tp", "ep"]] = Field(
+        None, description="Axis sizes by name: dp (data=-1), fsdp (fsdp=-1), fsdp_tp (tensor = devices per host, "
+                          "fsdp=-1), ep (expert=-1); axis sizes set explicitly still win.")
     data: int = Field(1, description="Data-parallel mesh axis size (-1: all remaining devices).")
     fsdp: int = Field(-1, description="Fully-sharded data-parallel axis size (-1: all remaining devices).")
     tensor: int = Field(1, description="Tensor-parallel axis size.")
     expert: int = Field(1, description="Expert-parallel axis size.")
+    dcn_data: int = Field(1, description="Outer (between slices/nodes, DCN) factor of the data axis.")
+    dcn_fsdp: int = Field(1, description="Outer (between slices/nodes, DCN) factor of the fsdp axis.")
     device_memory_gb: Optional[float] = Field(None, description="Memory of one device; `maxllama preflight` fails "
                                                                 "when the step needs more. null: no check.")
     rules: Optional[dict[str, Optional[str | list[str]]]] = Field(
@@ -165,7 +170,21 @@ class MeshConfig(Section):
 
     @property
     def axes(self) -> dict[str, int]:
-        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "expert": self.expert}
+        """Axis sizes: the preset's, overridden by any size the config sets explicitly."""
+        explicit = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "expert": self.expert}
+        if self.preset is None:
+            return explicit
+        preset = {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1, **MESH_PRESETS[self.preset]}
+        return {axis: explicit[axis] if axis in self.model_fields_set else preset[axis] for axis in explicit}
+
+
+# "local" is replaced by the number of devices on one host: tensor parallelism stays inside a node.
+MESH_PRESETS: dict[str, dict[str, int | str]] = {
+    "dp": {"data": -1},
+    "fsdp": {"fsdp": -1},
+    "fsdp_tp": {"fsdp": -1, "tensor": "local"},
+    "ep": {"expert": -1},
+}
 
 
 class DistributedConfig(Section):
@@ -286,13 +305,14 @@ def validate_consistency(cfg: Config) -> list[tuple[str, str]]:
     check(cfg.data.workers >= 0, "data.workers", f"must be >= 0, got {cfg.data.workers}")
     check(cfg.data.prefetch >= 0, "data.prefetch", f"must be >= 0, got {cfg.data.prefetch}")
     for axis, size in cfg.mesh.axes.items():
-        check(size >= 1 or size == -1, f"mesh.{axis}", f"must be a positive size or -1, got {size}")
+        check(size == "local" or size >= 1 or size == -1, f"mesh.{axis}", f"must be a positive size or -1, got {size}")
     for name, axes in (cfg.mesh.rules or {}).items():
         check(name in LOGICAL_AXES, f"mesh.rules.{name}",
               f"unknown logical axis; rules map one of {', '.join(LOGICAL_AXES)}")
         for axis in [axes] if isinstance(axes, str) else axes or []:
             check(axis in cfg.mesh.axes, f"mesh.rules.{name}",
                   f"names mesh axis '{axis}', which the mesh lacks (axes: {', '.join(cfg.mesh.axes)})")
+    check(cfg.mesh.dcn_data >= 1 and cfg.mesh.dcn_fsdp >= 1, "mesh.dcn_data", "DCN factors must be >= 1")
     check(sum(size == -1 for size in cfg.mesh.axes.values()) <= 1, "mesh",
           "at most one mesh axis may be -1 (it absorbs the remaining devices)")
     return errors
