@@ -1,0 +1,171 @@
+"""Run a sweep's runs: locally (N at a time, each pinned to its share of the CPU cores) or as a SLURM job
+array. The sweep directory holds one run directory per run and `sweep.json`, the manifest of every run's
+status, exit code and error. Running a sweep again skips finished runs and resumes unfinished ones (each run
+resumes from its own checkpoints)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tqdm import tqdm
+
+from maxllama.config import load_config
+from maxllama.sweep.spec import Run, Sweep
+
+MANIFEST = "sweep.json"
+
+
+def run_dir(sweep_dir: Path, run: Run) -> Path:
+    return sweep_dir / "runs" / run.name
+
+
+def train_command(sweep: Sweep, sweep_dir: Path, run: Run) -> list[str]:
+    return [sys.executable, "-m", "maxllama", "train", str(sweep.base), *run.args(),
+            f"run.dir={run_dir(sweep_dir, run)}", f"run.name={run.name}", "logging.progress=false"]
+
+
+def finished(sweep: Sweep, sweep_dir: Path, run: Run) -> bool:
+    metrics = run_dir(sweep_dir, run) / "metrics.jsonl"
+    if not metrics.exists():
+        return False
+    steps = load_config(sweep.base, run.args())[0].train.steps
+    lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+    return bool(lines) and json.loads(lines[-1]).get("step") == steps
+
+
+class Manifest:
+    """sweep.json, rewritten atomically after every change (runs finish concurrently)."""
+
+    def __init__(self, sweep: Sweep, sweep_dir: Path):
+        self.path = sweep_dir / MANIFEST
+        self.lock = threading.Lock()
+        old = json.loads(self.path.read_text())["runs"] if self.path.exists() else {}
+        self.data = {"sweep": str(sweep.path), "base": str(sweep.base), "swept": sweep.swept,
+                     "runs": {r.name: {"overrides": r.overrides, "status": old.get(r.name, {}).get("status", "pending"),
+                                       **{k: v for k, v in old.get(r.name, {}).items() if k in ("exit_code", "error")}}
+                              for r in sweep.runs}}
+        self.save()
+
+    def update(self, name: str, **fields) -> None:
+        with self.lock:
+            self.data["runs"][name].update(fields)
+            self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        os.replace(tmp, self.path)
+
+
+def _core_slots(parallel: int) -> list[set[int]]:
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    per = max(1, len(cores) // parallel)
+    return [set(cores[(i * per) % len(cores):(i * per) % len(cores) + per]) for i in range(parallel)]
+
+
+def run_local(sweep: Sweep, sweep_dir: Path, parallel: int = 1, progress: bool = True, log=print) -> dict:
+    """Run every unfinished run, `parallel` at a time; returns the manifest."""
+    manifest = Manifest(sweep, sweep_dir)
+    todo = []
+    for run in sweep.runs:
+        if finished(sweep, sweep_dir, run):
+            manifest.update(run.name, status="done")
+        else:
+            todo.append(run)
+    if len(todo) < len(sweep.runs):
+        log(f"{len(sweep.runs) - len(todo)} of {len(sweep.runs)} runs already finished; running {len(todo)}")
+    slots = _core_slots(parallel)
+    free = list(range(parallel))
+    free_lock = threading.Lock()
+    bar = tqdm(total=len(sweep.runs), initial=len(sweep.runs) - len(todo), unit="run", disable=not progress)
+
+    def execute(run: Run) -> None:
+        with free_lock:
+            slot = free.pop()
+        cores = slots[slot]
+        manifest.update(run.name, status="running")
+        directory = run_dir(sweep_dir, run)
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / "train.log", "a") as out:
+            preexec = (lambda: os.sched_setaffinity(0, cores)) if hasattr(os, "sched_setaffinity") else None
+            code = subprocess.run(train_command(sweep, sweep_dir, run), stdout=out, stderr=subprocess.STDOUT,
+                                  preexec_fn=preexec).returncode
+        if code == 0:
+            manifest.update(run.name, status="done", exit_code=0, error=None)
+        else:
+            tail = (directory / "train.log").read_text().strip().splitlines()[-5:]
+            manifest.update(run.name, status="failed", exit_code=code, error="\n".join(tail))
+            bar.write(f"run {run.name} failed (exit code {code}); see {directory / 'train.log'}")
+        with free_lock:
+            free.append(slot)
+        bar.update(1)
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        list(pool.map(execute, todo))
+    bar.close()
+    return manifest.data
+
+
+def slurm_script(sweep: Sweep, sweep_dir: Path, executor: dict) -> str:
+    n = len(sweep.runs)
+    parallel = executor.get("parallel")
+    lines = ["#!/usr/bin/env bash", f"#SBATCH --job-name=sweep-{sweep.path.stem}",
+             f"#SBATCH --array=0-{n - 1}{f'%{parallel}' if parallel else ''}",
+             f"#SBATCH --output={sweep_dir}/runs/slurm-%A_%a.out"]
+    for key in ("partition", "time", "account", "qos"):
+        if executor.get(key):
+            lines.append(f"#SBATCH --{key}={executor[key]}")
+    if executor.get("gpus_per_run"):
+        lines.append(f"#SBATCH --gpus={executor['gpus_per_run']}")
+    if executor.get("cpus_per_run"):
+        lines.append(f"#SBATCH --cpus-per-task={executor['cpus_per_run']}")
+    lines += ["set -euo pipefail", f"cd {Path.cwd()}",
+              f"{sys.executable} -m maxllama sweep run-one {sweep.path} --dir {sweep_dir} --index \"$SLURM_ARRAY_TASK_ID\""]
+    return "\n".join(lines) + "\n"
+
+
+def run_slurm(sweep: Sweep, sweep_dir: Path, executor: dict, dry_run: bool, log=print) -> str:
+    Manifest(sweep, sweep_dir)
+    script = slurm_script(sweep, sweep_dir, executor)
+    path = sweep_dir / "sweep.sbatch"
+    path.write_text(script)
+    if dry_run:
+        log(script)
+        return script
+    if shutil.which("sbatch") is None:
+        raise FileNotFoundError("sbatch (SLURM) is not installed here; use --dry-run to see the job script, "
+                                "or executor: local")
+    result = subprocess.run(["sbatch", str(path)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"sbatch failed: {result.stderr.strip()}")
+    log(result.stdout.strip())
+    return script
+
+
+def write_status(sweep_dir: Path, run: Run, **fields) -> None:
+    """Each run's own status file: array tasks on many nodes never write the same file."""
+    path = run_dir(sweep_dir, run) / "status.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(fields))
+    os.replace(tmp, path)
+
+
+def run_one(sweep: Sweep, sweep_dir: Path, index: int) -> int:
+    """One run of the sweep (what each SLURM array task does); records its outcome in its status file."""
+    run = sweep.runs[index]
+    if finished(sweep, sweep_dir, run):
+        write_status(sweep_dir, run, status="done", exit_code=0)
+        return 0
+    write_status(sweep_dir, run, status="running")
+    code = subprocess.run(train_command(sweep, sweep_dir, run)).returncode
+    write_status(sweep_dir, run, status="done" if code == 0 else "failed", exit_code=code)
+    return code

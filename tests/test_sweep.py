@@ -1,0 +1,154 @@
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from maxllama.config import ConfigError
+from maxllama.sweep.report import collect, fit_optimum, report
+from maxllama.sweep.spec import expand, load_sweep, run_name
+from tests.conftest import SMALL_MODEL
+
+
+def write_sweep(tmp_path, text, name="sweep.yaml"):
+    (tmp_path / "base.yaml").write_text("model:\n  d_model: 32\n")
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_grid_zip_random_and_seeds_expand_in_order():
+    spec = {"grid": {"a": [1, 2], "b": ["x", "y", "z"]}, "zip": {"c": [1, 2], "d": [3, 4]}, "seeds": [0, 1]}
+    runs = expand(spec)
+    assert len(runs) == 2 * 3 * 2 * 2
+    assert runs[0] == {"a": 1, "b": "x", "c": 1, "d": 3, "seed": 0}
+    assert runs[-1] == {"a": 2, "b": "z", "c": 2, "d": 4, "seed": 1}
+    random_spec = {"random": {"n": 50, "seed": 3, "params": {"lr": {"log_uniform": [1e-4, 1e-2]},
+                                                             "b2": {"choice": [0.95, 0.99]}, "w": {"uniform": [0, 1]}}}}
+    first, again = expand(random_spec), expand(random_spec)
+    assert first == again and len(first) == 50  # seeded
+    assert all(1e-4 <= r["lr"] <= 1e-2 and r["b2"] in (0.95, 0.99) and 0 <= r["w"] <= 1 for r in first)
+    logs = np.log10([r["lr"] for r in first])
+    assert logs.min() < -3.5 and logs.max() > -2.5  # spread over the decades, not clustered at the top
+    assert expand({**random_spec, "random": {**random_spec["random"], "seed": 4}}) != first
+    with pytest.raises(ConfigError, match="equal lengths"):
+        expand({"zip": {"c": [1, 2], "d": [3]}})
+
+
+def test_names_budget_and_validation(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, """\
+        base: base.yaml
+        name: "lr{optim.lr}_s{seed}"
+        grid: {optim.lr: [1.0e-3, 3.0e-3, 1.0e-2]}
+        seeds: [0, 1]
+        budget: 4
+        overrides: {train.steps: 10, optim.warmup_steps: 2}
+        """))
+    assert [r.name for r in sweep.runs] == ["lr0.001_s0", "lr0.001_s1", "lr0.003_s0", "lr0.003_s1"]
+    assert sweep.swept == ["optim.lr", "seed"] and sweep.runs[0].overrides["train.steps"] == 10
+    assert run_name(None, {"model.d_model": 64, "optim.lr": 0.003}) == "d_model64_lr0.003"
+    with pytest.raises(ConfigError, match=r"unknown key 'model.d_modl'; did you mean model.d_model"):
+        load_sweep(write_sweep(tmp_path, "base: base.yaml\ngrid: {model.d_modl: [1, 2]}\n", "bad.yaml"))
+    with pytest.raises(ConfigError, match="optim.lr: must be a valid number, got 'fast'"):
+        load_sweep(write_sweep(tmp_path, "base: base.yaml\ngrid: {optim.lr: [fast]}\n", "bad2.yaml"))
+    with pytest.raises(ConfigError, match="unknown sweep key"):
+        load_sweep(write_sweep(tmp_path, "base: base.yaml\ngird: {optim.lr: [1]}\n", "bad3.yaml"))
+    with pytest.raises(ConfigError, match="two runs would both be called"):
+        load_sweep(write_sweep(tmp_path, "base: base.yaml\nname: same\ngrid: {optim.lr: [0.1, 0.2]}\n", "bad4.yaml"))
+
+
+def test_fitted_optimum_of_a_parabola_in_log2_space():
+    xs = [2.0 ** e for e in range(-12, -4)]
+    ys = [(math.log2(x) + 8.3) ** 2 + 1.0 for x in xs]
+    optimum = fit_optimum(xs, ys)
+    assert optimum.fitted and not optimum.at_edge
+    assert math.log2(optimum.x) == pytest.approx(-8.3, abs=1e-6) and optimum.value == pytest.approx(1.0)
+    edge = fit_optimum(xs, [-math.log2(x) for x in xs])  # keeps falling: the optimum is beyond the range
+    assert edge.at_edge
+
+
+@pytest.fixture(scope="module")
+def ran_sweep(tmp_path_factory):
+    """Three learning rates x two corpora, one of which does not exist: three runs finish, three fail."""
+    import yaml
+    from maxllama.config.loader import parse_scalar
+    tmp_path = tmp_path_factory.mktemp("sweep")
+    (tmp_path / "base.yaml").write_text("model:\n  d_model: 32\n")
+    overrides = {o.split("=")[0]: parse_scalar(o.split("=")[1]) for o in SMALL_MODEL}
+    overrides |= {"train.steps": 6, "train.eval_every": 6, "train.eval_batches": 1, "optim.warmup_steps": 1,
+                  "checkpoint.every_steps": 3, "logging.tensorboard": False}
+    spec = {"base": "base.yaml", "name": "lr{optim.lr}_{data.sources}", "overrides": overrides,
+            "grid": {"optim.lr": [1e-3, 1e-2, 3e-2],
+                     "data.sources": [[{"path": "stdlib"}], [{"path": "/no/such/corpus"}]]},
+            "executor": {"type": "local", "parallel": 2}}
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "maxllama", "sweep", "run", str(sweep_file), "--dir", str(out),
+                             "--quiet"], capture_output=True, text=True, timeout=900)
+    return sweep_file, out, result
+
+
+def test_local_sweep_records_failures_and_goes_on(ran_sweep):
+    _, out, result = ran_sweep
+    assert result.returncode == 1  # some runs failed
+    manifest = json.loads((out / "sweep.json").read_text())["runs"]
+    statuses = sorted(run["status"] for run in manifest.values())
+    assert statuses == ["done"] * 3 + ["failed"] * 3
+    failed = [run for run in manifest.values() if run["status"] == "failed"]
+    assert all(run["exit_code"] == 2 and "/no/such/corpus does not exist" in run["error"] for run in failed)
+
+
+def test_report_numbers_equal_the_runs_metrics(ran_sweep):
+    _, out, _ = ran_sweep
+    text, csv_path, png, optima = report(out, "optim.lr", None)
+    rows, _ = collect(out)
+    done = [r for r in rows if r["status"] == "done"]
+    for row in done:
+        metrics = [json.loads(line) for line in (out / "runs" / row["name"] / "metrics.jsonl").read_text().splitlines()]
+        assert row["final_val_loss"] == [m for m in metrics if "val_loss" in m][-1]["val_loss"]
+        assert row["final_loss"] == metrics[-1]["loss"] and row["steps"] == 6
+        assert f"{row['final_val_loss']:.4g}" in text
+    assert csv_path.read_text().count("\n") == len(rows) + 1
+    assert png.exists() and png.stat().st_size > 5000
+    assert len(optima) == 1  # one curve: the runs on the missing corpus have no metric
+    (optimum,) = optima.values()
+    assert 1e-3 * 0.999 <= optimum.x <= 3e-2 * 1.001
+
+
+def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(ran_sweep):
+    sweep_file, out, _ = ran_sweep
+    sweep = load_sweep(sweep_file)
+    done = [r for r in sweep.runs if "stdlib" in r.name]
+    untouched, partial = out / "runs" / done[0].name, out / "runs" / done[1].name
+    stamp = (untouched / "metrics.jsonl").stat().st_mtime
+    lines = (partial / "metrics.jsonl").read_text().splitlines()
+    (partial / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")  # as if it died after step 3...
+    import shutil
+    shutil.rmtree(partial / "checkpoints" / "6")  # ...having saved step 3 only
+    result = subprocess.run([sys.executable, "-m", "maxllama", "sweep", "run", str(sweep_file), "--dir", str(out),
+                             "--quiet"], capture_output=True, text=True, timeout=900)
+    assert "already finished" in result.stdout
+    assert (untouched / "metrics.jsonl").stat().st_mtime == stamp  # finished: not run again
+    assert "resumed from" in (partial / "train.log").read_text()
+    assert [json.loads(line)["step"] for line in (partial / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+
+
+def test_slurm_dry_run_prints_a_job_array(tmp_path):
+    sweep_file = write_sweep(tmp_path, """\
+        base: base.yaml
+        grid: {optim.lr: [1.0e-3, 3.0e-3, 1.0e-2]}
+        overrides: {train.steps: 100}
+        executor: {type: slurm, partition: gpu, gpus_per_run: 8, time: "02:00:00", parallel: 2}
+        """)
+    result = subprocess.run([sys.executable, "-m", "maxllama", "sweep", "run", str(sweep_file), "--dir",
+                             str(tmp_path / "out"), "--dry-run"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    script = result.stdout
+    assert "#SBATCH --array=0-2%2" in script and "#SBATCH --partition=gpu" in script
+    assert "#SBATCH --gpus=8" in script and "#SBATCH --time=02:00:00" in script
+    assert f"sweep run-one {sweep_file}" in script and '--index "$SLURM_ARRAY_TASK_ID"' in script
+    assert (tmp_path / "out" / "sweep.sbatch").read_text().strip() == script.strip()
