@@ -35,7 +35,9 @@ def test_user_errors_exit_2_with_one_line(args, needle, tmp_path):
 
 def test_help_on_every_command():
     for args in [[], ["train"], ["config"], ["config", "show"], ["convert"], ["convert", "hf-import"],
-                 ["convert", "hf-export"], ["sample"], ["score"], ["prepare"]]:
+                 ["convert", "hf-export"], ["sample"], ["score"], ["prepare"], ["preflight"], ["checkpoint"],
+                 ["checkpoint", "list"], ["checkpoint", "inspect"], ["sweep"], ["sweep", "plan"], ["sweep", "run"],
+                 ["sweep", "run-one"], ["sweep", "report"]]:
         result = run(*args, "--help")
         assert result.returncode == 0 and "usage: maxllama" in result.stdout
 
