@@ -232,8 +232,6 @@ def cmd_preflight(ns: argparse.Namespace) -> int:
     _, cfg, _ = _load(ns.args, DEFAULT_CONFIG)
     from maxllama.parallel.distributed import initialize
     initialize(cfg.distributed)
-    from maxllama.model.build import define_model
-    from maxllama.model.param_count import count_params
     from maxllama.train.preflight import DoesNotFit, preflight
     try:
         result = preflight(cfg)

@@ -126,7 +126,7 @@ def make_packer(cfg: Config, tokens: TokenArrays, pad_id: int, seed: int):
 
 def build_datasets(cfg: Config, *, process_index: int = 0, process_count: int = 1) -> Datasets:
     tokenizer = make_tokenizer(cfg.data.tokenizer)
-    t, b = cfg.train.seq_len, cfg.train.batch_size
+    b = cfg.train.batch_size
     if b % process_count:
         raise ConfigError(f"train.batch_size: {b} is not divisible by the {process_count} hosts")
     per_host = b // process_count
