@@ -97,6 +97,9 @@ def test_sigterm_saves_the_current_step_and_resume_matches(uninterrupted, tmp_pa
 def test_kill_9_loses_only_steps_since_the_last_checkpoint(uninterrupted, tmp_path):
     process = start(tmp_path)
     wait_for_step(tmp_path, random.Random(os.getpid()).randint(8, 24), process)
+    while not (tmp_path / "checkpoints" / "5").exists():  # saves are asynchronous: let the first one land
+        assert process.poll() is None
+        time.sleep(0.01)
     process.kill()
     process.wait()
     checkpointer = Checkpointer(tmp_path / "checkpoints")
