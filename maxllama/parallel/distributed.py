@@ -52,9 +52,11 @@ def to_host(tree):
     return jax.tree.map(fetch, tree)
 
 
-def agree(flag: bool) -> bool:
-    """True on every process when it is true on any: decisions that all processes must take together."""
+def agree(*flags: bool) -> tuple[bool, ...]:
+    """Each flag becomes true on every process when it is true on any: decisions that all processes must
+    take together (stop, save), settled with one collective."""
     if jax.process_count() == 1:
-        return flag
+        return tuple(bool(f) for f in flags)
     from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+    gathered = multihost_utils.process_allgather(np.array(flags, dtype=bool))
+    return tuple(bool(f) for f in np.any(np.asarray(gathered).reshape(-1, len(flags)), axis=0))

@@ -211,14 +211,16 @@ def train(cfg: Config, *, log=print, devices=None) -> TrainSummary:
                 progress.write(f"step {step}: val_loss {val_loss:.4f}  (unigram entropy {entropy:.4f})")
             if step % cfg.train.log_every == 0 or step in val_losses or last:
                 flush()
-            if agree(preemption.requested):
+            # One collective per step decides for every process at once: stop (preempted) or save (due).
+            preempted, due = agree(preemption.requested, checkpointer.due(step))
+            if preempted:
                 t_save = time.perf_counter()
                 save(step, wait=True)
                 took = time.perf_counter() - t_save
                 late = f" (over the {cfg.checkpoint.grace_seconds:.0f} s grace period)" if took > cfg.checkpoint.grace_seconds else ""
                 raise Preempted(f"{preemption.name or 'another process was signalled'}: saved step {step} in {took:.1f} s{late}; "
                                 f"re-run the same command to resume")
-            if last or agree(checkpointer.due(step)):
+            if last or due:
                 save(step)
 
     measured = intervals[1:] or intervals  # the first interval pays for warm-up
