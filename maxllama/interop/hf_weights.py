@@ -15,12 +15,12 @@ from maxllama.config.schema import ModelConfig
 from maxllama.interop import InteropError
 from maxllama.interop.safetensors_io import SafetensorsReader
 
-Path_ = tuple  # a path of keys into the params pure dict
+KeyPath = tuple  # a path of keys into the params pure dict
 
 
 class TensorRule(NamedTuple):
     hf_name: str  # relative to the layer prefix ("model.layers.{i}.") or to the model prefix
-    params: tuple[Path_, ...]  # the maxllama parameters it becomes (relative to the block, or absolute)
+    params: tuple[KeyPath, ...]  # the maxllama parameters it becomes (relative to the block, or absolute)
     to_maxllama: Callable[[np.ndarray], tuple[np.ndarray, ...]]
     to_hf: Callable[..., np.ndarray]
 
@@ -94,7 +94,7 @@ def layer_rules(m: ModelConfig, layer: int) -> list[TensorRule]:
 
 
 class LayerSlot(NamedTuple):
-    block: Path_  # path of the layer's block in the params dict
+    block: KeyPath  # path of the layer's block in the params dict
     index: int | None  # position on the stacked `layers` axis, for scanned groups
 
 
