@@ -6,12 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-import jax
 
 from maxllama.checkpoint.manager import Checkpointer
 from maxllama.config import ConfigError, load_config
 from maxllama.config.schema import Config
-from maxllama.model.build import ModelDef, define_model, param_shardings
+from maxllama.model.build import ModelDef, define_model, sharded_abstract_params
 from maxllama.parallel.mesh import build_mesh
 from maxllama.parallel.rules import LogicalSharding, make_rules
 
@@ -40,8 +39,7 @@ def locate_checkpoint(path: str | Path) -> tuple[Path, int]:
 def restore_params_into(path: str | Path, cfg: Config, model: ModelDef, sharding: LogicalSharding) -> tuple[dict, int]:
     """Parameters of the checkpoint at `path`, shaped and sharded for `model`; errors name the mismatch."""
     directory, step = locate_checkpoint(path)
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          model.abstract_params, param_shardings(model, sharding))
+    target = sharded_abstract_params(model, sharding)
     checkpointer = Checkpointer(directory / "checkpoints")
     try:
         return checkpointer.restore_params(step, target), step

@@ -98,6 +98,17 @@ def _is_empty(text: bytes | str) -> bool:
     return not text.strip()
 
 
+def _usable(text, skipped: Counter) -> bool:
+    """Whether a record's text field is a document; counts why not."""
+    if not isinstance(text, str):
+        skipped["missing_field"] += 1
+        return False
+    if _is_empty(text):
+        skipped["empty_document"] += 1
+        return False
+    return True
+
+
 def iter_documents(path: str, fmt: str, field: str, skipped: Counter, id_prefix: str = "") -> Iterator[Document]:
     """Documents of one file; bad records are skipped and counted in `skipped` by reason."""
     doc_id = path[len(id_prefix):] if id_prefix and path.startswith(id_prefix) else path
@@ -124,11 +135,7 @@ def iter_documents(path: str, fmt: str, field: str, skipped: Counter, id_prefix:
             skipped["invalid_json"] += 1
             continue
         text = record.get(field) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            skipped["missing_field"] += 1
-        elif _is_empty(text):
-            skipped["empty_document"] += 1
-        else:
+        if _usable(text, skipped):
             yield Document(f"{doc_id}:{line_number}", text)
 
 
@@ -151,11 +158,7 @@ def _parquet_documents(path: str, field: str, skipped: Counter, doc_id: str) -> 
             continue
         for text in column:
             row += 1
-            if not isinstance(text, str):
-                skipped["missing_field"] += 1
-            elif _is_empty(text):
-                skipped["empty_document"] += 1
-            else:
+            if _usable(text, skipped):
                 yield Document(f"{doc_id}:{row}", text)
 
 

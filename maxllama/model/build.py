@@ -40,6 +40,12 @@ def param_shardings(model: ModelDef, sharding: LogicalSharding) -> dict:
                         is_leaf=lambda x: isinstance(x, dict) and "logical_axes" in x)
 
 
+def sharded_abstract_params(model: ModelDef, sharding: LogicalSharding) -> dict:
+    """ShapeDtypeStructs with the parameters' shardings: a restore or compile target that allocates nothing."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        model.abstract_params, param_shardings(model, sharding))
+
+
 def init_params(cfg: Config, model: ModelDef, sharding: LogicalSharding) -> dict:
     """Initialise parameters directly into their shards (never materialised whole on one device)."""
 

@@ -7,17 +7,16 @@ import dataclasses
 
 import jax
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from maxllama.config.schema import Config
-from maxllama.model.build import define_model, param_shardings
+from maxllama.model.build import define_model, param_shardings, sharded_abstract_params
 from maxllama.parallel.mesh import build_mesh
 from maxllama.parallel.rules import LogicalSharding, make_rules
 from maxllama.train.flops import train_flops_per_token
 from maxllama.train.optimizer import build_optimizer
 from maxllama.train.schedules import make_schedule
-from maxllama.train.step import TrainState, train_step_fn
+from maxllama.train.step import TrainState, optimizer_state_shardings, train_step_fn
 
 
 class DoesNotFit(RuntimeError):
@@ -72,13 +71,10 @@ def preflight(cfg: Config, devices=None) -> Preflight:
     schedule = make_schedule(cfg.optim, cfg.train.steps)
     optimizer = build_optimizer(cfg, model.metadata, model.parametrization, schedule)
     shardings = param_shardings(model, sharding)
-    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          model.abstract_params, shardings)
+    params = sharded_abstract_params(model, sharding)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_shapes = jax.eval_shape(optimizer.init, params)
-    opt_shardings = optax.tree_map_params(optimizer, lambda _, sh: sh, opt_shapes, shardings,
-                                          transform_non_params=lambda _: replicated)
-    opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), opt_shapes, opt_shardings)
+    opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                             jax.eval_shape(optimizer.init, params), optimizer_state_shardings(optimizer, params))
     state = TrainState(jax.ShapeDtypeStruct((), np.int32, sharding=replicated), params, opt_state)
     b, t = cfg.train.batch_size, cfg.train.seq_len
     batch_sharding = sharding.named(("batch", "seq"))

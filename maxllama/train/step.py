@@ -64,14 +64,16 @@ def compile_steps(cfg: Config, model: ModelDef, optimizer, schedule, state: Trai
     return train_step, eval_step
 
 
-def init_state(params: dict, optimizer: optax.GradientTransformation) -> TrainState:
-    """The initial train state on the params' mesh: optimizer moments sharded like their parameters,
-    scalars (step, counts) replicated."""
+def optimizer_state_shardings(optimizer: optax.GradientTransformation, params: Any) -> Any:
+    """Moments sharded like their parameters, scalars (counts) replicated. `params` may be abstract."""
     param_shardings = shardings_of(params)
-    mesh = jax.tree.leaves(param_shardings)[0].mesh
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_shardings = optax.tree_map_params(optimizer, lambda _, sharding: sharding,
-                                          jax.eval_shape(optimizer.init, params), param_shardings,
-                                          transform_non_params=lambda _: replicated)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    replicated = NamedSharding(jax.tree.leaves(param_shardings)[0].mesh, PartitionSpec())
+    return optax.tree_map_params(optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, params),
+                                 param_shardings, transform_non_params=lambda _: replicated)
+
+
+def init_state(params: dict, optimizer: optax.GradientTransformation) -> TrainState:
+    """The initial train state on the params' mesh (see `optimizer_state_shardings`; the step replicated)."""
+    opt_state = jax.jit(optimizer.init, out_shardings=optimizer_state_shardings(optimizer, params))(params)
+    replicated = NamedSharding(jax.tree.leaves(shardings_of(params))[0].mesh, PartitionSpec())
     return TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
