@@ -296,6 +296,107 @@ def cmd_sweep_report(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _model_summary(cfg) -> dict:
+    from maxllama.metap import table
+    from maxllama.model.build import define_model
+    from maxllama.parallel.mesh import build_mesh
+    from maxllama.parallel.rules import LogicalSharding, make_rules
+    import jax
+    sharding = LogicalSharding(build_mesh(cfg.mesh.model_copy(update={"fsdp": -1, "data": 1, "tensor": 1, "expert": 1,
+                                                                          "preset": None}), jax.devices()[:1]),
+                               make_rules(cfg.mesh.rules))
+    return table.summary(cfg, define_model(cfg, sharding))
+
+
+def cmd_metap_show(ns: argparse.Namespace) -> int:
+    _, cfg, _ = _load([ns.file, *ns.overrides], None)
+    from maxllama.metap import table
+    info = _model_summary(cfg)
+    print(table.format_summary(info))
+    if ns.parameters:
+        for name, group in info["groups"].items():
+            print(f"\n{name}:")
+            for path in group["parameters"]:
+                print(f"  {path}")
+    if cfg.metap.parametrization == "standard":
+        print("\nstandard parametrization; set metap.parametrization=metap (and metap.base.*) for the MetaP rules")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def cmd_metap_coord_check(ns: argparse.Namespace) -> int:
+    _, cfg, _ = _load([ns.file, *ns.overrides], None)
+    from maxllama.metap import coord_check as cc
+    if bool(ns.widths) == bool(ns.depths):
+        raise UserError("give --widths W1,W2,... or --depths L1,L2,... (one ladder per command)")
+    axis, values = ("width", ns.widths) if ns.widths else ("depth", ns.depths)
+    out_dir = Path(ns.out or Path(cfg.run_dir) / "coord_check")
+    from tqdm import tqdm
+    rungs = len(values) * len(ns.seeds)
+    results = []
+    for param in ns.param:
+        with tqdm(total=rungs, desc=f"{param} {axis}s", unit="model") as bar:
+            def progress(message: str) -> None:
+                bar.set_postfix_str(message)
+                bar.update(1)
+            check = cc.coord_check(cfg, axis, values, param, seeds=ns.seeds, steps=ns.steps, lr=ns.lr,
+                                   tolerance=ns.tolerance, min_step=ns.min_step, progress=progress)
+        png, js = cc.write(check, out_dir)
+        print(check.table())
+        print(f"{'PASS' if check.passed else 'FAIL'}: {param}; plot {png}, slopes {js}\n")
+        results.append((param, check))
+    metap = [c for p, c in results if p == "metap"]
+    return 1 if metap and not metap[0].passed else 0
+
+
+def cmd_metap_transfer(ns: argparse.Namespace) -> int:
+    from maxllama.config.loader import parse_scalar
+    from maxllama.metap.transfer import transfer, write
+    where = {}
+    for item in ns.where:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--where {item}: expected KEY=VALUE")
+        where[key] = parse_scalar(value)
+    result = transfer(ns.sweep_dir, metric=ns.metric, where=where)
+    out = Path(ns.out)
+    target_summary = None
+    for key, fit in result.fits.items():
+        print(f"{key}: optimum {fit.optimum:.4g} ({ns.metric} {fit.loss:.4f}; {len(fit.points)} values, "
+              f"{'parabola fit' if fit.fitted else 'best point'})")
+    if result.kappa is not None:
+        print(f"kappa (LR ~ batch^kappa): {result.kappa:.3f}")
+    if result.beta is not None:
+        print(f"beta (LR ~ tokens^-beta): {result.beta:.3f}")
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    write(result, out, Path(ns.sweep_dir), None, None)
+    if ns.target:
+        _, target, _ = _load([ns.target, f"metap.from={out.resolve()}"], None)
+        target_summary = _model_summary(target)
+        write(result, out, Path(ns.sweep_dir), target, target_summary)
+        from maxllama.metap import table
+        print(f"\ntarget {ns.target}:")
+        print(table.format_summary(target_summary))
+    print(f"\nwrote {out}; a target config uses it with   metap: {{from: {out}}}   "
+          f"(or the override metap.from={out})")
+    return 0
+
+
+def cmd_metap_drift(ns: argparse.Namespace) -> int:
+    from maxllama.metap.drift import report
+    text, png, js = report(ns.sweep_dir, ns.key, ns.split, ns.metric)
+    print(text)
+    print(f"plot: {png}\ntable: {js}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maxllama", description="Pretrain Llama-4-style models with JAX.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -419,6 +520,58 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--metric", default="final_val_loss", choices=["final_val_loss", "best_val_loss", "final_loss"])
     rep.set_defaults(func=cmd_sweep_report)
 
+    metap = commands.add_parser("metap", help="MetaP: resolved per-group hyperparameters, coordinate check, transfer",
+                                description="MetaP: per-parameter init scales, multipliers and learning rates that "
+                                            "transfer from a tuned proxy to a larger run.")
+    metap_commands = metap.add_subparsers(dest="metap_command", required=True, metavar="SUBCOMMAND")
+    mshow = metap_commands.add_parser(
+        "show", help="the resolved init std, LR, weight decay and Adam eps of every parameter group",
+        description="Resolve the config's parametrization against its proxy (metap.base) and print every group's "
+                    "init std, peak LR, weight decay and Adam eps, with the forward multipliers. Allocates nothing.")
+    mshow.add_argument("file", metavar="CONFIG")
+    mshow.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    mshow.add_argument("--parameters", action="store_true", help="also list the parameters of each group")
+    mshow.set_defaults(func=cmd_metap_show)
+    coord = metap_commands.add_parser(
+        "coord-check", help="mean |activation| per module vs width or depth after a few high-LR steps",
+        description="Train each width (or depth) a few steps at a high LR on one fixed batch, for 2+ seeds; write a "
+                    "PNG (one panel per step, log-log) and a JSON of the slopes per doubling; print a pass/fail "
+                    "table. Exit code 1 when MetaP fails.")
+    coord.add_argument("file", metavar="CONFIG")
+    coord.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    coord.add_argument("--widths", type=_int_list, help="residual widths, e.g. 32,64,128,256,512")
+    coord.add_argument("--depths", type=_int_list, help="layer counts, e.g. 2,4,8,16,32")
+    coord.add_argument("--param", type=lambda s: s.split(","), default=["metap", "standard"],
+                       help="parametrizations to check: metap, standard or both (default: metap,standard)")
+    coord.add_argument("--seeds", type=_int_list, default=[0, 1], help="seeds averaged (default 0,1)")
+    coord.add_argument("--steps", type=int, default=4, help="training steps (default 4)")
+    coord.add_argument("--lr", type=float, default=None, help="learning rate (default: the config's optim.lr)")
+    coord.add_argument("--tolerance", type=float, default=0.1, help="pass: |slope| per doubling at most this")
+    coord.add_argument("--min-step", type=int, default=2, help="judge steps from this one on (default 2)")
+    coord.add_argument("--out", help="output folder (default: RUN_DIR/coord_check)")
+    coord.set_defaults(func=cmd_metap_coord_check)
+    tr = metap_commands.add_parser(
+        "transfer", help="fit a proxy sweep's optima and write the target's MetaP hyperparameters",
+        description="Fit the optimum of every swept hyperparameter of a proxy sweep (parabola in log2 around the "
+                    "best points, seeds averaged), the batch-size and horizon exponents kappa and beta when the "
+                    "sweep varied them, and write metap.yaml; a target config applies it with metap.from: PATH.")
+    tr.add_argument("sweep_dir", metavar="PROXY_SWEEP_DIR")
+    tr.add_argument("--target", metavar="CONFIG", help="also resolve and record the target's per-group values")
+    tr.add_argument("--out", default="metap.yaml", help="file to write (default metap.yaml)")
+    tr.add_argument("--metric", default="final_val_loss", help="metric to minimise (default final_val_loss)")
+    tr.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                    help="use only the runs with this value of a swept key (e.g. model.d_model=32)")
+    tr.set_defaults(func=cmd_metap_transfer)
+
+    dr = metap_commands.add_parser(
+        "drift", help="how far the optimal LR moves along a scaled key of a sweep (per parametrization)",
+        description="For each value of KEY (e.g. model.d_model) fit the optimal LR (parabola in log2, seeds "
+                    "averaged) and report the spread of log2 LR* per parametrization; writes drift.png and drift.json.")
+    dr.add_argument("sweep_dir", metavar="SWEEP_DIR")
+    dr.add_argument("--key", required=True, help="the scaled key, e.g. model.d_model, model.n_layers, model.n_experts")
+    dr.add_argument("--split", default=None, help="one panel per value of this swept key (e.g. metap.parametrization)")
+    dr.add_argument("--metric", default="final_val_loss")
+    dr.set_defaults(func=cmd_metap_drift)
     ckpt = commands.add_parser("checkpoint", help="list and inspect checkpoints",
                                description="List a run's checkpoints or inspect one, from metadata alone.")
     ckpt_commands = ckpt.add_subparsers(dest="checkpoint_command", required=True, metavar="SUBCOMMAND")

@@ -151,7 +151,7 @@ RESHARD = textwrap.dedent("""
         cfg = small_config(*mesh_overrides)
         sharding = LogicalSharding(build_mesh(cfg.mesh, devices))
         model = define_model(cfg, sharding)
-        optimizer = build_optimizer(cfg, model.metadata, model.parametrization, make_schedule(cfg.optim, 10))
+        optimizer = build_optimizer(cfg, model.rules, make_schedule(cfg.optim, 10))
         return init_state(init_params(cfg, model, sharding), optimizer), sharding
 
     saved, sharding = state_on(["mesh.fsdp=8"], jax.devices())
@@ -244,7 +244,7 @@ def test_async_save_is_not_corrupted_by_the_donated_steps_after_it(tmp_path):
     sharding = LogicalSharding(build_mesh(cfg.mesh))
     model = define_model(cfg, sharding)
     schedule = make_schedule(cfg.optim, cfg.train.steps)
-    optimizer = build_optimizer(cfg, model.metadata, model.parametrization, schedule)
+    optimizer = build_optimizer(cfg, model.rules, schedule)
     state = init_state(init_params(cfg, model, sharding), optimizer)
     batch_sharding = sharding.named(("batch", "seq"))
     train_step, _ = compile_steps(cfg, model, optimizer, schedule, state, batch_sharding)

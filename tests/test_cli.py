@@ -37,7 +37,8 @@ def test_help_on_every_command():
     for args in [[], ["train"], ["config"], ["config", "show"], ["convert"], ["convert", "hf-import"],
                  ["convert", "hf-export"], ["sample"], ["score"], ["prepare"], ["preflight"], ["checkpoint"],
                  ["checkpoint", "list"], ["checkpoint", "inspect"], ["sweep"], ["sweep", "plan"], ["sweep", "run"],
-                 ["sweep", "run-one"], ["sweep", "report"]]:
+                 ["sweep", "run-one"], ["sweep", "report"], ["metap"], ["metap", "show"], ["metap", "coord-check"],
+                 ["metap", "transfer"], ["metap", "drift"]]:
         result = run(*args, "--help")
         assert result.returncode == 0 and "usage: maxllama" in result.stdout
 

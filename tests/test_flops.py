@@ -40,7 +40,7 @@ def test_flop_count_agrees_with_xla_cost_analysis():
     sharding = LogicalSharding(build_mesh(cfg.mesh))
     model = define_model(cfg, sharding)
     schedule = make_schedule(cfg.optim, cfg.train.steps)
-    optimizer = build_optimizer(cfg, model.metadata, model.parametrization, schedule)
+    optimizer = build_optimizer(cfg, model.rules, schedule)
     state = init_state(init_params(cfg, model, sharding), optimizer)
     b, t = 8, cfg.train.seq_len
     batch = {k: jax.ShapeDtypeStruct((b, t), "int32") for k in ["inputs", "targets", "positions", "segment_ids"]}

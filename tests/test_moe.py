@@ -14,6 +14,7 @@ from tests.conftest import small_config
 def moe_and_tokens():
     cfg = small_config()
     moe = MoE(cfg.model, parametrization=parametrization_for(cfg), rngs=nnx.Rngs(3))
+    nnx.update(moe, jax.tree.map(lambda w: 0.05 * w, nnx.state(moe, nnx.Param)))  # drawn unit-normal: scale down
     tokens = jax.random.normal(jax.random.key(0), (2, 16, cfg.model.d_model))
     return cfg, moe, tokens
 

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from maxllama.config.schema import OptimConfig
-from maxllama.metap import parametrization_for
 from maxllama.model.build import define_model
 from maxllama.parallel.mesh import build_mesh
 from maxllama.parallel.rules import LogicalSharding
@@ -64,8 +63,9 @@ def test_rerunning_the_command_resumes(trained):
     meta = checkpointer.meta(30)
     assert meta["data"] == {"step": 30, "iterator_start": 20, "iterator": {"next_index": 10}}
     assert meta["seed"] == 0 and "n_layers: 4" in meta["config"]
-    assert meta["metap"]["parameters"]["lm_head"] == {"role": "readout", "fan_in": 32, "init_std": 0.02,
-                                                      "lr_multiplier": 1.0, "weight_decay_multiplier": 1.0}
+    assert meta["metap"]["lm_head"] == {"role": "readout", "ratio": 1.0, "init_std": 0.02, "lr_multiplier": 1.0,
+                                        "weight_decay": 0.1, "adam_eps": 1e-8, "peak_lr": 1e-2}
+    assert (run_dir / "metap.yaml").exists()
     checkpointer.close()
 
 
@@ -99,7 +99,7 @@ def test_weight_decay_skips_norm_gains():
     model = define_model(cfg, LogicalSharding(build_mesh(cfg.mesh)))
     params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), model.abstract_params)
     schedule = make_schedule(OptimConfig(lr=0.1, warmup_steps=0, schedule="constant"), 10)
-    opt = build_optimizer(cfg, model.metadata, parametrization_for(cfg), schedule)
+    opt = build_optimizer(cfg, model.rules, schedule)
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = opt.update(zero_grads, opt.init(params), params)
     assert float(updates["final_norm"]["weight"][0]) == 0.0

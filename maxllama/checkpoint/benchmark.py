@@ -29,7 +29,7 @@ def bench(path: str) -> None:
     cfg, _ = load_config(path)
     sharding = LogicalSharding(build_mesh(cfg.mesh))
     model = define_model(cfg, sharding)
-    optimizer = build_optimizer(cfg, model.metadata, model.parametrization, make_schedule(cfg.optim, cfg.train.steps))
+    optimizer = build_optimizer(cfg, model.rules, make_schedule(cfg.optim, cfg.train.steps))
     state = init_state(init_params(cfg, model, sharding), optimizer)
     jax.block_until_ready(state)
     n_bytes = sum(x.nbytes for x in jax.tree.leaves(state))

@@ -1,4 +1,4 @@
-"""Load a run config: YAML file -> `base:` chain -> `section.key=value` overrides -> validated `Config`.
+"""Load a run config: YAML file -> `base:` chain -> `metap.from` -> `section.key=value` overrides -> validated `Config`.
 
 Every value remembers where it came from (`file:line`, `override`, or `default`), so errors can point at the
 line to fix and `maxllama config show` can explain the resolved config.
@@ -6,6 +6,7 @@ line to fix and `maxllama config show` can explain the resolved config.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from pathlib import Path
@@ -17,6 +18,8 @@ import yaml
 from maxllama.config.schema import Config, Section, validate_consistency
 
 BASE_KEY = "base"
+FROM_KEY = "from"  # metap.from: a transferred metap.yaml, applied by the loader
+TRANSFERRED_KEY = "config"
 
 
 class ConfigError(ValueError):
@@ -208,9 +211,36 @@ def build_config(data: Mapping[str, Any], origins: Mapping[str, str] | None = No
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> tuple[Config, dict[str, str]]:
     """Resolve a config file (or the defaults, for None) with overrides. Returns (config, {key: origin})."""
     data, origins = _load_chain(Path(path)) if path is not None else ({}, {})
+    transferred = apply_overrides(copy.deepcopy(data), dict(origins), overrides).get("metap", {}).get(FROM_KEY)
+    if transferred is not None:
+        data = _apply_transferred(data, origins, transferred, Path(path).parent if path is not None else Path("."))
     data = apply_overrides(data, origins, overrides)
+    data.get("metap", {}).pop(FROM_KEY, None)
     cfg = build_config(data, origins)
     return cfg, origins
+
+
+def _apply_transferred(data: dict[str, Any], origins: dict[str, str], source: Any, config_dir: Path) -> dict[str, Any]:
+    """`metap.from: PATH`: the hyperparameters `maxllama metap transfer` wrote, applied over the config file
+    (command-line overrides still win). A relative path is taken from the config's folder, then from here."""
+    if not isinstance(source, str):
+        raise ConfigError(f"metap.from: must be the path of a metap.yaml written by `maxllama metap transfer`, got {source!r}")
+    path = next((p for p in (config_dir / source, Path(source)) if p.exists()), None)
+    if path is None:
+        raise ConfigError(f"metap.from: file not found: {source} (run `maxllama metap transfer` to write it)")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    values = loaded.get(TRANSFERRED_KEY) if isinstance(loaded, dict) else None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: has no '{TRANSFERRED_KEY}:' mapping of dotted keys; is it from `maxllama metap transfer`?")
+    for key, value in values.items():
+        node = data
+        for part in key.split(".")[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path}: '{key}' does not name a config key")
+        node[key.split(".")[-1]] = value
+        origins[key] = f"metap.from {path}"
+    return data
 
 
 def resolved_origins(cfg: Config, origins: Mapping[str, str]) -> dict[str, str]:

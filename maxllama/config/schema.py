@@ -8,7 +8,7 @@ combination is reported with the dotted key it concerns before anything is compi
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -196,8 +196,50 @@ class DistributedConfig(Section):
                                                                      "multi-host on one machine).")
 
 
+class MetaPBaseConfig(Section):
+    """The proxy that MetaP's hyperparameters were tuned on; null keys: same as this run (ratio 1)."""
+
+    d_model: Optional[int] = Field(None, description="Proxy residual width.")
+    d_ff: Optional[int] = Field(None, description="Proxy dense FFN width.")
+    d_ff_expert: Optional[int] = Field(None, description="Proxy expert FFN width.")
+    n_heads: Optional[int] = Field(None, description="Proxy query heads.")
+    n_kv_heads: Optional[int] = Field(None, description="Proxy key/value heads.")
+    head_dim: Optional[int] = Field(None, description="Proxy head width.")
+    n_layers: Optional[int] = Field(None, description="Proxy depth.")
+    batch_size: Optional[int] = Field(None, description="Proxy batch size in sequences (for kappa).")
+    tokens: Optional[int] = Field(None, description="Proxy training tokens, steps x batch x seq_len (for beta).")
+
+    WIDTH_KEYS: ClassVar[tuple[str, ...]] = ("d_model", "d_ff", "d_ff_expert", "n_heads", "n_kv_heads", "head_dim")
+
+
 class MetaPConfig(Section):
-    init_std: float = Field(0.02, description="Init std of every matrix (standard parametrization).")
+    """Per-group init scales, multipliers and learning rates (METAP.md). With `parametrization: metap`, the
+    numbers below are the proxy's tuned values and the rules carry them to this run's shape."""
+
+    parametrization: Literal["standard", "metap"] = Field(
+        "standard", description="standard: one init std, one LR, 1/sqrt(head_dim) attention; metap: the rules.")
+    init_std: float = Field(0.02, description="standard: init std of every matrix.")
+    base: MetaPBaseConfig = Field(MetaPBaseConfig(), description="The proxy's shape, batch size and tokens.")
+    depth_alpha: float = Field(1.0, description="Residual branches x (L/L0)^-alpha: 1 CompleteP, 0.5 depth-muP.")
+    sigma_embedding: float = Field(0.02, description="Init std of the embedding.")
+    sigma_hidden: float = Field(0.02, description="Init std of hidden matrices at the proxy's fan-in.")
+    sigma_readout: float = Field(0.02, description="Init std of the unembedding and router (0: zero init).")
+    zero_init_query: bool = Field(False, description="Initialise query projections to zero.")
+    alpha_embedding: float = Field(1.0, description="Forward multiplier of the embedding output.")
+    alpha_output: float = Field(1.0, description="Logits x alpha_output / m_d.")
+    alpha_router: float = Field(1.0, description="Router logits x alpha_router / m_d.")
+    alpha_residual: float = Field(1.0, description="Residual branches x alpha_residual (L/L0)^-alpha.")
+    alpha_attention: Optional[float] = Field(
+        None, description="Attention logits x alpha_attention / head_dim; null: sqrt(proxy head_dim).")
+    lr_embedding: float = Field(1.0, description="c_emb: embedding LR = lr x c_emb.")
+    lr_hidden: float = Field(1.0, description="c_h: hidden LR = lr x c_h / m x (L/L0)^(alpha-1).")
+    lr_vector: float = Field(1.0, description="c_v: norm-gain LR = lr x c_v x (L/L0)^(alpha-1).")
+    lr_readout: float = Field(1.0, description="c_out: unembedding LR = lr x c_out.")
+    lr_router: float = Field(1.0, description="c_router: router LR = lr x c_router.")
+    kappa: float = Field(0.0, description="LR x (B/B0)^kappa: batch-size exponent (fitted by `metap transfer`).")
+    beta: float = Field(0.0, description="LR x (D/D0)^-beta: training-token exponent (fitted by `metap transfer`).")
+    weight_decay_timescale: bool = Field(
+        False, description="Scale weight decay to keep the AdamW timescale B / (lr x wd x D) of the proxy.")
 
 
 class LoggingConfig(Section):
@@ -313,6 +355,25 @@ def validate_consistency(cfg: Config) -> list[tuple[str, str]]:
             check(axis in cfg.mesh.axes, f"mesh.rules.{name}",
                   f"names mesh axis '{axis}', which the mesh lacks (axes: {', '.join(cfg.mesh.axes)})")
     check(cfg.mesh.dcn_data >= 1 and cfg.mesh.dcn_fsdp >= 1, "mesh.dcn_data", "DCN factors must be >= 1")
+    errors += _metap_errors(cfg)
     check(sum(size == -1 for size in cfg.mesh.axes.values()) <= 1, "mesh",
           "at most one mesh axis may be -1 (it absorbs the remaining devices)")
+    return errors
+
+
+def _metap_errors(cfg: Config) -> list[tuple[str, str]]:
+    mp, m = cfg.metap, cfg.model
+    errors = [(f"metap.base.{key}", f"must be positive or null, got {value}")
+              for key, value in mp.base.model_dump().items() if value is not None and value <= 0]
+    for key in ("init_std", "sigma_embedding", "sigma_hidden", "sigma_readout"):
+        if getattr(mp, key) < 0:
+            errors.append((f"metap.{key}", f"must be >= 0, got {getattr(mp, key)}"))
+    if errors:
+        return errors
+    heads, kv = mp.base.n_heads or m.n_heads, mp.base.n_kv_heads or m.n_kv_heads
+    if heads % kv:
+        errors.append(("metap.base.n_kv_heads", f"the proxy's n_heads ({heads}) must be a multiple of its n_kv_heads ({kv})"))
+    if mp.base.head_dim is None and m.head_dim is None and (mp.base.d_model or m.d_model) % heads:
+        errors.append(("metap.base.n_heads", f"the proxy's d_model ({mp.base.d_model or m.d_model}) must be divisible by "
+                                             f"its n_heads ({heads}); or set metap.base.head_dim"))
     return errors

@@ -40,14 +40,14 @@ class Attention(nnx.Module):
                  sharding: LogicalSharding, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
         pdt = jnp.dtype(cfg.param_dtype)
-        make = dict(role="hidden", parametrization=parametrization, dtype=pdt)
-        self.q = matrix(rngs, (d, h, hd), ("embed", "heads", "head_dim"), fan_in=d, **make)
-        self.k = matrix(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), fan_in=d, **make)
-        self.v = matrix(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), fan_in=d, **make)
-        self.o = matrix(rngs, (h, hd, d), ("heads", "head_dim", "embed"), fan_in=h * hd, **make)
+        make = dict(dtype=pdt)
+        self.q = matrix(rngs, (d, h, hd), ("embed", "heads", "head_dim"), fan_in=("embed",), **make)
+        self.k = matrix(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), fan_in=("embed",), **make)
+        self.v = matrix(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), fan_in=("embed",), **make)
+        self.o = matrix(rngs, (h, hd, d), ("heads", "head_dim", "embed"), fan_in=("heads", "head_dim"), **make)
         self.use_rope = use_rope
         self.cfg = cfg
-        self.scale = parametrization.attention_scale(hd)
+        self.scale = parametrization.attention_scale
         self.sharding = sharding
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,

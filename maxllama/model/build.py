@@ -1,43 +1,81 @@
-"""Build the decoder abstractly (shapes only), read its parameter metadata, and initialise it sharded."""
+"""Build the decoder abstractly (shapes only), give every parameter its MetaP rule, and initialise it sharded."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
-from maxllama.config.schema import Config
-from maxllama.metap import Parametrization, parametrization_for
+from maxllama.config.schema import Config, ModelConfig
+from maxllama.metap import Parametrization, param_rule, parametrization_for
+from maxllama.metap.shapes import double_width_model, proxy_model, roles_and_ratios
 from maxllama.model.decoder import Decoder
 from maxllama.parallel.rules import LogicalSharding
+
+IS_META = lambda x: isinstance(x, dict) and "logical_axes" in x  # noqa: E731
 
 
 class ModelDef(NamedTuple):
     graphdef: Any  # nnx.GraphDef of the Decoder: the static structure
     abstract_params: dict  # pure dict of jax.ShapeDtypeStruct
-    metadata: dict  # pure dict of {'role', 'fan_in', 'logical_axes'} per parameter
-    parametrization: Parametrization
+    metadata: dict  # pure dict of {'logical_axes', 'fan_in_axes', 'role'} per parameter
+    rules: dict  # pure dict of ParamRule per parameter: init std, LR multiplier, weight decay, Adam eps
+    parametrization: Parametrization  # the forward multipliers
 
 
-def _construct(cfg: Config, sharding: LogicalSharding, seed: int) -> Decoder:
-    return Decoder(cfg.model, parametrization=parametrization_for(cfg), sharding=sharding, rngs=nnx.Rngs(seed))
+def param_path(key_path) -> str:
+    return jax.tree_util.keystr(key_path, simple=True, separator=".")
+
+
+def flat_paths(tree: Any, is_leaf=None) -> dict[str, Any]:
+    """{'groups.blocks.0.attention.q': leaf, ...}: the names MetaP tables and error messages use."""
+    return {param_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
+
+
+def _abstract(model_cfg: ModelConfig, parametrization: Parametrization, sharding: LogicalSharding, seed: int):
+    abstract = nnx.eval_shape(lambda: Decoder(model_cfg, parametrization=parametrization, sharding=sharding,
+                                              rngs=nnx.Rngs(seed)))
+    return nnx.split(abstract)
+
+
+@functools.lru_cache(maxsize=64)
+def _shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a model config (structure only: multipliers and mesh do not change them)."""
+    sharding = LogicalSharding(Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+    _, state = _abstract(model_cfg, Parametrization("shapes"), sharding, 0)
+    return {path: tuple(s.shape) for path, s in flat_paths(nnx.to_pure_dict(state)).items()}
 
 
 def define_model(cfg: Config, sharding: LogicalSharding) -> ModelDef:
-    """Shapes, metadata and structure of the model without allocating a single parameter."""
-    abstract = nnx.eval_shape(lambda: _construct(cfg, sharding, cfg.seed))
-    graphdef, state = nnx.split(abstract)
+    """Shapes, metadata, MetaP rules and structure of the model without allocating a single parameter."""
+    parametrization = parametrization_for(cfg)
+    graphdef, state = _abstract(cfg.model, parametrization, sharding, cfg.seed)
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-    metadata = jax.tree.map(
-        lambda v: {"role": v.get_metadata("role"), "fan_in": v.get_metadata("fan_in"),
-                   "logical_axes": v.get_metadata("logical_axes")}, state, is_leaf=is_var)
-    return ModelDef(graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(metadata), parametrization_for(cfg))
+    metadata = nnx.to_pure_dict(jax.tree.map(
+        lambda v: {"logical_axes": v.get_metadata("logical_axes"), "fan_in_axes": v.get_metadata("fan_in_axes")},
+        state, is_leaf=is_var))
+    abstract_params = nnx.to_pure_dict(state)
+    flat_meta = flat_paths(metadata, is_leaf=IS_META)
+    shapes = {path: tuple(s.shape) for path, s in flat_paths(abstract_params).items()}
+    roles = roles_and_ratios(flat_meta, shapes, _shapes(proxy_model(cfg)), _shapes(double_width_model(cfg.model)))
+    for path, meta in flat_meta.items():
+        meta["role"] = roles[path][0]
+    rules = jax.tree_util.tree_map_with_path(
+        lambda p, m: param_rule(cfg, *roles[param_path(p)], query=_is_query(param_path(p))),
+        metadata, is_leaf=IS_META)
+    return ModelDef(graphdef, abstract_params, metadata, rules, parametrization)
+
+
+def _is_query(path: str) -> bool:
+    return path.endswith("attention.q")
 
 
 def param_shardings(model: ModelDef, sharding: LogicalSharding) -> dict:
-    return jax.tree.map(lambda m: sharding.named(m["logical_axes"]), model.metadata,
-                        is_leaf=lambda x: isinstance(x, dict) and "logical_axes" in x)
+    return jax.tree.map(lambda m: sharding.named(m["logical_axes"]), model.metadata, is_leaf=IS_META)
 
 
 def sharded_abstract_params(model: ModelDef, sharding: LogicalSharding) -> dict:
@@ -47,10 +85,14 @@ def sharded_abstract_params(model: ModelDef, sharding: LogicalSharding) -> dict:
 
 
 def init_params(cfg: Config, model: ModelDef, sharding: LogicalSharding) -> dict:
-    """Initialise parameters directly into their shards (never materialised whole on one device)."""
+    """Initialise parameters directly into their shards (never materialised whole on one device): the model
+    draws unit normals (ones for gains) and each is scaled to its MetaP init std."""
 
     def init():
-        return nnx.to_pure_dict(nnx.state(_construct(cfg, sharding, cfg.seed)))
+        unit = nnx.to_pure_dict(nnx.state(Decoder(cfg.model, parametrization=model.parametrization,
+                                                  sharding=sharding, rngs=nnx.Rngs(cfg.seed))))
+        return jax.tree.map(lambda x, rule: x if rule.init_std is None else (x * rule.init_std).astype(x.dtype),
+                            unit, model.rules)
 
     return jax.jit(init, out_shardings=param_shardings(model, sharding))()
 

@@ -50,16 +50,22 @@ class Block(nnx.Module):
                                    sharding=sharding, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
         self.ffn = (MoE(cfg, parametrization=parametrization, rngs=rngs) if kind.moe else
-                    SwiGLU(cfg.d_model, cfg.d_ff, parametrization=parametrization, param_dtype=pdt, rngs=rngs))
+                    SwiGLU(cfg.d_model, cfg.d_ff, param_dtype=pdt, rngs=rngs))
         self.residual_multiplier = parametrization.residual_multiplier
 
     def __call__(self, x, positions, segment_ids, cache=None, cache_index=None):
         """-> (output, MoE stats or None, updated KV cache or None)."""
         attended, cache = self.attention(self.attention_norm(x), positions, segment_ids, cache, cache_index)
-        h = x + self.residual_multiplier * attended
+        attended = self.residual_multiplier * attended
+        h = x + attended
         ffn_out = self.ffn(self.ffn_norm(h))
         ffn_out, stats = ffn_out if isinstance(self.ffn, MoE) else (ffn_out, None)
-        return h + self.residual_multiplier * ffn_out, stats, cache
+        ffn_out = self.residual_multiplier * ffn_out
+        out = h + ffn_out
+        # What the coordinate check measures (unscanned layers); unused values cost nothing under jit.
+        for name, value in (("attention_out", attended), ("ffn_out", ffn_out), ("block_out", out)):
+            self.sow(nnx.Intermediate, name, value)
+        return out, stats, cache
 
 
 class LayerGroup(nnx.Module):
@@ -112,8 +118,7 @@ class Decoder(nnx.Module):
         d, v = cfg.d_model, cfg.vocab_size
         self.cfg = cfg
         self.sharding = sharding
-        self.embed = matrix(rngs, (v, d), ("vocab", "embed"), role="embedding", fan_in=v,
-                            parametrization=parametrization, dtype=pdt)
+        self.embed = matrix(rngs, (v, d), ("vocab", "embed"), fan_in=("vocab",), dtype=pdt)
         kinds = layer_kinds(cfg)
         period = cfg.pattern_period if cfg.scan_layers else 1
         n_groups, n_tail = divmod(cfg.n_layers, period)
@@ -125,8 +130,8 @@ class Decoder(nnx.Module):
         self.tail = (LayerGroup(cfg, kinds[n_groups * period:], rngs=rngs, **group_args)
                      if cfg.scan_layers and n_tail else None)
         self.final_norm = RMSNorm(d, cfg.norm_eps, pdt)
-        self.lm_head = matrix(rngs, (d, v), ("embed", "vocab"), role="readout", fan_in=d,
-                              parametrization=parametrization, dtype=pdt)
+        self.lm_head = matrix(rngs, (d, v), ("embed", "vocab"), fan_in=("embed",), dtype=pdt)
+        self.embedding_multiplier = parametrization.embedding_multiplier
         self.output_multiplier = parametrization.output_multiplier
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
@@ -144,8 +149,9 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.zeros_like(tokens)
-        x = self.embed.value.astype(dt)[tokens]
+        x = self.embed.value.astype(dt)[tokens] * jnp.asarray(self.embedding_multiplier, dt)
         x = self.sharding.constrain(x, ("batch", "seq", "embed"))
+        self.sow(nnx.Intermediate, "embedding", x)
         stats, new_cache = [], {}
         if self.groups is not None:
             x, group_stats, new_cache["groups"] = self._scan_groups(
@@ -164,6 +170,7 @@ class Decoder(nnx.Module):
         x = self.final_norm(x)
         logits = (x @ self.lm_head.value.astype(dt)).astype(jnp.float32) * self.output_multiplier
         logits = self.sharding.constrain(logits, ("batch", "seq", "vocab"))
+        self.sow(nnx.Intermediate, "logits", logits)
         stats = [s for s in stats if s is not None]
         moe = jax.tree.map(lambda *s: jnp.concatenate(s), *stats) if stats else None
         if cache is None:

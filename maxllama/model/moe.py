@@ -118,13 +118,14 @@ class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, parametrization: Parametrization, rngs: nnx.Rngs):
         d, f, e = cfg.d_model, cfg.d_ff_expert, cfg.n_experts
         pdt = jnp.dtype(cfg.param_dtype)
-        make = dict(parametrization=parametrization, dtype=pdt)
-        self.router = matrix(rngs, (d, e), ("embed", "expert"), role="router", fan_in=d, **make)
-        self.gate = matrix(rngs, (e, d, f), ("expert", "embed", "mlp"), role="hidden", fan_in=d, **make)
-        self.up = matrix(rngs, (e, d, f), ("expert", "embed", "mlp"), role="hidden", fan_in=d, **make)
-        self.down = matrix(rngs, (e, f, d), ("expert", "mlp", "embed"), role="hidden", fan_in=f, **make)
-        self.shared = (SwiGLU(d, f, parametrization=parametrization, param_dtype=pdt, rngs=rngs)
+        make = dict(dtype=pdt)
+        self.router = matrix(rngs, (d, e), ("embed", "expert"), fan_in=("embed",), **make)
+        self.gate = matrix(rngs, (e, d, f), ("expert", "embed", "mlp"), fan_in=("embed",), **make)
+        self.up = matrix(rngs, (e, d, f), ("expert", "embed", "mlp"), fan_in=("embed",), **make)
+        self.down = matrix(rngs, (e, f, d), ("expert", "mlp", "embed"), fan_in=("mlp",), **make)
+        self.shared = (SwiGLU(d, f, param_dtype=pdt, rngs=rngs)
                        if cfg.shared_expert else None)
+        self.router_multiplier = parametrization.router_multiplier
         self.top_k = cfg.top_k
         self.dispatch = cfg.moe_dispatch
         self.capacity_factor = cfg.moe_capacity_factor
@@ -132,7 +133,7 @@ class MoE(nnx.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, MoEStats]:
         dt = x.dtype
         tokens = x.reshape(-1, x.shape[-1])
-        routing = route(tokens, self.router.value, self.top_k)
+        routing = route(tokens, self.router.value * self.router_multiplier, self.top_k)
         weights = (self.gate.value.astype(dt), self.up.value.astype(dt), self.down.value.astype(dt))
         out, dropped = DISPATCH[self.dispatch](tokens, routing, *weights, capacity_factor=self.capacity_factor)
         if self.shared is not None:

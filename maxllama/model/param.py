@@ -1,4 +1,6 @@
-"""Parameter creation: every parameter carries its logical axes (for sharding) and its MetaP role."""
+"""Parameter creation: every parameter carries its logical axes (for sharding) and its fan-in axes (from
+which MetaP finds its role). Matrices are drawn unit-normal; `init_params` scales each to its MetaP init std,
+so the model hard-codes no init scale."""
 
 from __future__ import annotations
 
@@ -8,18 +10,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maxllama.metap import Parametrization, Role
 
-
-def matrix(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], *, role: Role, fan_in: int,
-           parametrization: Parametrization, dtype: jnp.dtype) -> nnx.Param:
-    std = parametrization.init_std(role, fan_in)
-    value = std * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)
-    return nnx.Param(value.astype(dtype), logical_axes=tuple(axes), role=role, fan_in=fan_in)
+def matrix(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], *, fan_in: Sequence[str],
+           dtype: jnp.dtype) -> nnx.Param:
+    """`fan_in`: the logical axes that the parameter contracts its input over."""
+    value = jax.random.normal(rngs.params(), tuple(shape), jnp.float32)
+    return nnx.Param(value.astype(dtype), logical_axes=tuple(axes), fan_in_axes=tuple(fan_in))
 
 
 def gain(size: int, axis: str, dtype: jnp.dtype) -> nnx.Param:
-    return nnx.Param(jnp.ones((size,), dtype), logical_axes=(axis,), role="vector", fan_in=1)
+    return nnx.Param(jnp.ones((size,), dtype), logical_axes=(axis,), fan_in_axes=())
 
 
 def logical_axes(variable: nnx.Variable) -> tuple[str, ...]:

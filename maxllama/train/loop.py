@@ -18,7 +18,7 @@ from maxllama.config import ConfigError, dump_config
 from maxllama.config.schema import Config
 from maxllama.data.pipeline import batch_statistics, build_datasets, iterate, unigram_entropy
 from maxllama.model.build import define_model, init_params, param_shardings
-from maxllama.metap.parametrization import describe
+from maxllama.metap import table as metap_table
 from maxllama.model.param_count import count_params
 from maxllama.parallel.distributed import agree, is_primary, to_host
 from maxllama.parallel.mesh import build_mesh
@@ -98,7 +98,7 @@ def train(cfg: Config, *, log=print, devices=None) -> TrainSummary:
         log(f"warning: {len(left_whole)} large parameters are replicated on every device "
             f"({', '.join(left_whole[:3])}...): check mesh.rules")
     schedule = make_schedule(cfg.optim, cfg.train.steps)
-    optimizer = build_optimizer(cfg, model.metadata, model.parametrization, schedule)
+    optimizer = build_optimizer(cfg, model.rules, schedule)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     look_for_checkpoint = check_resume_policy(checkpointer, cfg.resume)
     if not look_for_checkpoint and cfg.init_from:
@@ -117,7 +117,9 @@ def train(cfg: Config, *, log=print, devices=None) -> TrainSummary:
             log(f"resumed from {checkpointer.directory}/{step}")
             _cross_check_data_position((checkpointer.meta(step) or {}).get("data"), step, log)
     start = int(to_host(state.step))
-    metap_table = describe(model.parametrization, model.metadata)
+    if primary:
+        metap_table.write(run_dir / "metap.yaml", cfg, model)
+    metap_parameters = metap_table.per_parameter(cfg, model)
 
     batch_sharding = sharding.named(("batch", "seq"))
     train_step, eval_step = compile_steps(cfg, model, optimizer, schedule, state, batch_sharding)
@@ -187,7 +189,7 @@ def train(cfg: Config, *, log=print, devices=None) -> TrainSummary:
         flush()  # fetches the step's metrics first: a non-finite run stops before it saves
         checkpointer.save(step, state, wait=wait, meta={
             "data": {"step": step, "iterator_start": start, "iterator": batches.get_state()},
-            "config": dump_config(cfg), "seed": cfg.seed, "metap": metap_table})
+            "config": dump_config(cfg), "seed": cfg.seed, "metap": metap_parameters})
 
     with contextlib.ExitStack() as cleanup:
         preemption = cleanup.enter_context(preemption_signals())

@@ -1,19 +1,22 @@
-"""AdamW as one optax chain, with per-parameter LR and weight-decay multipliers from the parametrization.
+"""AdamW as one optax chain whose every per-parameter number comes from the parameter's MetaP rule.
 
-clip -> scale_by_adam -> decoupled weight decay (masked per role) -> per-parameter LR multiplier ->
--schedule. The multipliers are static trees built from each parameter's MetaP role, so MetaP changes
-numbers, never the structure of the optimizer.
+clip -> Adam (per-parameter eps) -> decoupled weight decay (per-parameter rate) -> per-parameter LR
+multiplier -> -schedule. The rules are static trees, so MetaP changes numbers, never the structure of the
+optimizer (or of its checkpointed state: the same moments as optax's Adam).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from maxllama.config.schema import Config
-from maxllama.metap import Parametrization
+from maxllama.metap import ParamRule
+
+IS_RULE = lambda x: isinstance(x, ParamRule)  # noqa: E731
 
 
 def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
@@ -26,22 +29,46 @@ def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def build_optimizer(cfg: Config, metadata: Mapping[str, Any], parametrization: Parametrization,
-                    schedule: optax.Schedule) -> optax.GradientTransformation:
-    """`metadata` is a tree shaped like the params whose leaves are dicts with 'role' and 'fan_in'."""
-    o = cfg.optim
-    is_meta = lambda x: isinstance(x, dict) and "role" in x  # noqa: E731
-    lr_multipliers = jax.tree.map(lambda m: parametrization.lr_multiplier(m["role"], m["fan_in"]),
-                                  metadata, is_leaf=is_meta)
-    decay_mask = jax.tree.map(lambda m: parametrization.weight_decay_multiplier(m["role"]) > 0,
-                              metadata, is_leaf=is_meta)
+def scale_by_adam_per_param_eps(b1: float, b2: float, eps: Any) -> optax.GradientTransformation:
+    """optax.scale_by_adam with a tree of eps values (MetaP shrinks eps with each parameter's gradient scale).
+    Its state is optax's ScaleByAdamState, so checkpoints do not depend on which eps a run used."""
+
+    def init(params):
+        zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=jax.tree.map(jnp.copy, zeros))
+
+    def update(updates, state, params=None):
+        del params
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, updates)
+        count = optax.safe_increment(state.count)
+        c1, c2 = 1 - b1 ** count, 1 - b2 ** count
+        out = jax.tree.map(lambda m, v, e, g: ((m / c1) / (jnp.sqrt(v / c2) + e)).astype(g.dtype),
+                           mu, nu, eps, updates)
+        return out, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def add_decayed_weights_per_param(rates: Any) -> optax.GradientTransformation:
+    """u + rate * p with a static rate per parameter (0: no decay)."""
+
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda u, p, r: u if r == 0 else u + r * p.astype(u.dtype), updates, params, rates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def build_optimizer(cfg: Config, rules: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """`rules`: a tree shaped like the params whose leaves are ParamRules (`ModelDef.rules`)."""
+    field = lambda name: jax.tree.map(lambda r: getattr(r, name), rules, is_leaf=IS_RULE)  # noqa: E731
     chain = []
     if cfg.train.grad_clip is not None:
         chain.append(optax.clip_by_global_norm(cfg.train.grad_clip))
     chain += [
-        optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
-        optax.add_decayed_weights(o.weight_decay, mask=decay_mask),
-        scale_by_tree(lr_multipliers),
+        scale_by_adam_per_param_eps(cfg.optim.b1, cfg.optim.b2, field("adam_eps")),
+        add_decayed_weights_per_param(field("weight_decay")),
+        scale_by_tree(field("lr_multiplier")),
         optax.scale_by_learning_rate(schedule),
     ]
     return optax.chain(*chain)

@@ -1,0 +1,140 @@
+"""How far the optimal learning rate moves along a scaling axis: the measure of transfer.
+
+For every curve of a sweep (one value of the scaled key, e.g. model.d_model, within one parametrization),
+the seed-averaged final loss against log2(LR) gets a parabola through its best points; the drift of a
+parametrization is the spread (max - min) of its fitted log2 optima over the axis, and the per-step slope
+says which way it moves. Writes a plot (one panel per parametrization), drift.json and a table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maxllama.config import ConfigError
+from maxllama.sweep.report import Optimum, collect, fit_optimum
+
+LR = "optim.lr"
+
+
+@dataclasses.dataclass
+class Curve:
+    value: Any  # the scaled key's value
+    lrs: list[float]
+    losses: list[float]  # averaged over seeds
+    seeds: list[int]  # seeds per point
+    optimum: Optimum
+
+
+@dataclasses.dataclass
+class Drift:
+    group: str  # e.g. 'metap.parametrization=metap'
+    curves: list[Curve]
+
+    @property
+    def log2_optima(self) -> list[float]:
+        return [math.log2(c.optimum.x) for c in self.curves]
+
+    @property
+    def drift(self) -> float:
+        return max(self.log2_optima) - min(self.log2_optima)
+
+    @property
+    def slope(self) -> float:
+        """Fitted change of log2 LR* per doubling of the scaled key."""
+        x = np.log2([float(c.value) for c in self.curves])
+        return float(np.polyfit(x, self.log2_optima, 1)[0]) if len(x) > 1 else 0.0
+
+    def warnings(self) -> list[str]:
+        out = []
+        for c in self.curves:
+            if c.optimum.at_edge:
+                out.append(f"{self.group}, {c.value}: optimum at the edge of the LR range")
+            if not c.optimum.fitted:
+                out.append(f"{self.group}, {c.value}: no curvature; best point used")
+        return out
+
+
+def drifts(sweep_dir: Path, key: str, split: str | None, metric: str = "final_val_loss") -> list[Drift]:
+    """`split`: comma-separated swept keys; one group (one drift) per combination of their values."""
+    rows, swept = collect(sweep_dir)
+    split_keys = [k for k in (split or "").split(",") if k]
+    for needed in (LR, key, *split_keys):
+        if needed not in swept:
+            raise ConfigError(f"{sweep_dir}: '{needed}' is not swept (swept: {', '.join(swept)})")
+    points: dict[Any, dict[Any, dict[float, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for row in rows:
+        value = row.get(metric)
+        if value is None or not math.isfinite(value):
+            continue
+        group = ", ".join(f"{k}={row.get(k)}" for k in split_keys) or "all"
+        points[group][row[key]][float(row[LR])].append(value)
+    out = []
+    for group, by_value in points.items():
+        curves = []
+        for value in sorted(by_value, key=float):
+            lrs = sorted(by_value[value])
+            losses = [float(np.mean(by_value[value][lr])) for lr in lrs]
+            curves.append(Curve(value, lrs, losses, [len(by_value[value][lr]) for lr in lrs], fit_optimum(lrs, losses)))
+        out.append(Drift(group, curves))
+    return out
+
+
+def plot(results: list[Drift], key: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False, sharey=True)
+    for ax, result in zip(axes[0], results):
+        cmap = plt.get_cmap("viridis")
+        for i, c in enumerate(result.curves):
+            color = cmap(i / max(len(result.curves) - 1, 1))
+            ax.plot(np.log2(c.lrs), c.losses, "o-", color=color, markersize=3, label=f"{key}={c.value}")
+            ax.plot([math.log2(c.optimum.x)], [c.optimum.value], "*", color=color, markersize=13,
+                    markeredgecolor="black")
+        ax.set_title(f"{result.group}: drift {result.drift:.2f} log2 ({result.slope:+.2f} per doubling)")
+        ax.set_xlabel("log2 learning rate")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("final validation loss (mean over seeds)")
+    lo = min(min(c.losses) for r in results for c in r.curves)
+    axes[0][0].set_ylim(lo - 0.05, lo + 1.0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(results: list[Drift], key: str) -> str:
+    lines = []
+    for r in results:
+        lines.append(f"{r.group}: drift {r.drift:.3f} log2 over {key} "
+                     f"{r.curves[0].value}..{r.curves[-1].value}; slope {r.slope:+.3f} per doubling")
+        for c in r.curves:
+            flag = " (edge)" if c.optimum.at_edge else "" if c.optimum.fitted else " (best point)"
+            lines.append(f"  {key}={c.value}: LR* {c.optimum.x:.4g} (log2 {math.log2(c.optimum.x):+.2f}), "
+                         f"loss {c.optimum.value:.4f}, {min(c.seeds)}+ seeds{flag}")
+    return "\n".join(lines)
+
+
+def report(sweep_dir: str | Path, key: str, split: str | None, metric: str = "final_val_loss") -> tuple[str, Path, Path]:
+    sweep_dir = Path(sweep_dir)
+    results = drifts(sweep_dir, key, split, metric)
+    if not results:
+        raise ConfigError(f"{sweep_dir}: no finished runs with {metric}; run the sweep first")
+    png, js = sweep_dir / "drift.png", sweep_dir / "drift.json"
+    plot(results, key, png)
+    js.write_text(json.dumps({"key": key, "split": split, "metric": metric, "groups": [
+        {"group": r.group, "drift_log2": r.drift, "slope_per_doubling": r.slope, "warnings": r.warnings(),
+         "curves": [{"value": c.value, "lr_opt": c.optimum.x, "log2_lr_opt": math.log2(c.optimum.x),
+                     "loss_opt": c.optimum.value, "fitted": c.optimum.fitted, "at_edge": c.optimum.at_edge,
+                     "lrs": c.lrs, "losses": c.losses, "seeds": c.seeds} for c in r.curves]}
+        for r in results]}, indent=2))
+    text = table(results, key)
+    warnings = [w for r in results for w in r.warnings()]
+    return text + "".join(f"\nwarning: {w}" for w in warnings), png, js

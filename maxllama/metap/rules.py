@@ -1,0 +1,121 @@
+"""The rules table of METAP.md: from a parameter's role and width ratio to its init std, learning-rate
+multiplier, weight decay and Adam eps, and from the run's shape to the model's forward multipliers.
+
+Every number is a function of the config alone (`metap.*`, `optim.*`) and of the ratios between this run
+and the proxy it was tuned on. With every ratio 1 the rules return the proxy's own values, so a proxy is
+its own target; `parametrization: standard` returns the one-std, one-LR contrast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal, Optional
+
+from maxllama.config.schema import Config
+
+Role = Literal["embedding", "hidden", "readout", "router", "vector"]
+ROLES: tuple[Role, ...] = ("embedding", "hidden", "readout", "router", "vector")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scales:
+    """Ratios of this run to the proxy: m_d (residual width), m_L (depth), m_B (batch), m_D (tokens)."""
+
+    width: float = 1.0
+    depth: float = 1.0
+    batch: float = 1.0
+    tokens: float = 1.0
+
+
+def run_scales(cfg: Config) -> Scales:
+    m, t, base = cfg.model, cfg.train, cfg.metap.base
+    tokens = t.steps * t.batch_size * t.seq_len
+    return Scales(width=m.d_model / (base.d_model or m.d_model),
+                  depth=m.n_layers / (base.n_layers or m.n_layers),
+                  batch=t.batch_size / (base.batch_size or t.batch_size),
+                  tokens=tokens / (base.tokens or tokens))
+
+
+@dataclasses.dataclass(frozen=True)
+class Parametrization:
+    """The forward multipliers the model reads (hashable: modules may hold it)."""
+
+    name: str
+    embedding_multiplier: float = 1.0
+    output_multiplier: float = 1.0
+    router_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_scale: float = 1.0  # multiplies q.k
+
+
+def proxy_head_dim(cfg: Config) -> int:
+    base, m = cfg.metap.base, cfg.model
+    if base.head_dim is not None:
+        return base.head_dim
+    if m.head_dim is not None:
+        return m.head_dim
+    return (base.d_model or m.d_model) // (base.n_heads or m.n_heads)
+
+
+def parametrization_for(cfg: Config) -> Parametrization:
+    mp, head_dim = cfg.metap, cfg.model.resolved_head_dim
+    if mp.parametrization == "standard":
+        return Parametrization("standard", attention_scale=head_dim ** -0.5)
+    s = run_scales(cfg)
+    # alpha_attn / head_dim, with alpha_attn defaulting to sqrt(proxy head_dim): 1/sqrt(head_dim) at the proxy.
+    alpha_attention = mp.alpha_attention if mp.alpha_attention is not None else math.sqrt(proxy_head_dim(cfg))
+    return Parametrization(
+        "metap",
+        embedding_multiplier=mp.alpha_embedding,
+        output_multiplier=mp.alpha_output / s.width,
+        router_multiplier=mp.alpha_router / s.width,
+        residual_multiplier=mp.alpha_residual * s.depth ** -mp.depth_alpha,
+        attention_scale=alpha_attention / head_dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamRule:
+    """What the rules decide for one parameter."""
+
+    role: Role
+    ratio: float  # m: the fan-in ratio to the proxy (fan-out for embeddings and gains)
+    init_std: Optional[float]  # None: initialised to ones (norm gains)
+    lr_multiplier: float  # x optim.lr (x the schedule)
+    weight_decay: float  # decoupled, x the parameter's learning rate
+    adam_eps: float
+
+    def peak_lr(self, cfg: Config) -> float:
+        return cfg.optim.lr * self.lr_multiplier
+
+
+def global_lr_factor(cfg: Config, s: Scales) -> float:
+    """eta x m_B^kappa x m_D^-beta: the fitted batch-size and horizon exponents."""
+    return s.batch ** cfg.metap.kappa * s.tokens ** -cfg.metap.beta
+
+
+def param_rule(cfg: Config, role: Role, ratio: float, query: bool = False) -> ParamRule:
+    """The rules table for AdamW (METAP.md), one row per role. `query`: the parameter is a query projection."""
+    mp, o = cfg.metap, cfg.optim
+    if mp.parametrization == "standard":
+        vector = role == "vector"
+        return ParamRule(role, ratio, None if vector else mp.init_std, 1.0,
+                         0.0 if vector else o.weight_decay, o.eps)
+    s = run_scales(cfg)
+    alpha = mp.depth_alpha
+    lr = global_lr_factor(cfg, s)
+    depth_lr = s.depth ** (alpha - 1)
+    wd = o.weight_decay
+    if mp.weight_decay_timescale:  # keep tau = B / (lr * wd * D) of the proxy
+        wd *= s.batch / (lr * s.tokens)
+    hidden_eps = o.eps / (s.width * s.depth ** alpha)
+    init_std, lr_multiplier, weight_decay, eps = {
+        "embedding": (mp.sigma_embedding, lr * mp.lr_embedding, wd, o.eps / s.width),
+        "hidden": (mp.sigma_hidden / math.sqrt(ratio), lr * mp.lr_hidden / ratio * depth_lr, wd * ratio, hidden_eps),
+        "vector": (None, lr * mp.lr_vector * depth_lr, 0.0, hidden_eps),
+        "readout": (mp.sigma_readout, lr * mp.lr_readout, wd, o.eps / s.width),
+        "router": (mp.sigma_readout, lr * mp.lr_router, wd, o.eps / s.width),
+    }[role]
+    if query and mp.zero_init_query:
+        init_std = 0.0
+    return ParamRule(role, ratio, init_std, lr_multiplier, weight_decay, eps)

@@ -1,0 +1,260 @@
+"""MetaP: roles from base shapes, the rules table on hand-computed examples, the optimizer that applies it,
+the coordinate check (MetaP flat in width, standard parametrization not) and transfer fitting on synthetic
+sweeps with a known optimum."""
+
+import json
+import math
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import yaml
+
+from maxllama.config import ConfigError, load_config
+from maxllama.config.loader import dump_config
+from maxllama.metap import param_rule
+from maxllama.model.build import define_model, flat_paths, init_params
+from maxllama.parallel.mesh import build_mesh
+from maxllama.parallel.rules import LogicalSharding
+from maxllama.train.optimizer import IS_RULE, build_optimizer
+from maxllama.train.schedules import make_schedule
+from tests.conftest import small_config
+
+# The small model at 4x the proxy's width and 2x its depth; CompleteP's alpha = 0.5 variant for a
+# non-trivial depth exponent; batch 4x and tokens 2x the proxy's, with kappa and beta set.
+PROXY = ["metap.parametrization=metap", "metap.base.d_model=8", "metap.base.n_heads=1", "metap.base.n_kv_heads=1",
+         "metap.base.head_dim=8", "metap.base.d_ff=12", "metap.base.d_ff_expert=6", "metap.base.n_layers=2",
+         "model.head_dim=8"]
+
+
+def sharding(cfg):
+    return LogicalSharding(build_mesh(cfg.mesh))
+
+
+def rules_of(cfg):
+    model = define_model(cfg, sharding(cfg))
+    return model, flat_paths(model.rules, is_leaf=IS_RULE)
+
+
+@pytest.fixture(scope="module")
+def metap_model():
+    cfg = small_config(*PROXY, "metap.depth_alpha=0.5")
+    return (cfg, *rules_of(cfg))
+
+
+def test_every_parameter_gets_its_role_from_base_shapes(metap_model):
+    _, model, rules = metap_model
+    roles = {path: rule.role for path, rule in rules.items()}
+    assert len(roles) == len(jax.tree.leaves(model.abstract_params))
+    assert roles["embed"] == "embedding" and roles["lm_head"] == "readout"
+    assert roles["final_norm.weight"] == "vector"
+    moe = "groups.blocks.1.ffn."
+    assert roles[moe + "router"] == "router"
+    for name in ("gate", "up", "down", "shared.gate", "shared.down"):
+        assert roles[moe + name] == "hidden"
+    for name in ("q", "k", "v", "o"):
+        assert roles[f"groups.blocks.0.attention.{name}"] == "hidden"
+    assert roles["groups.blocks.0.ffn.down"] == "hidden" and roles["groups.blocks.0.attention_norm.weight"] == "vector"
+
+
+def test_width_ratio_is_each_parameters_own_fan_in_ratio(metap_model):
+    _, _, rules = metap_model
+    assert rules["groups.blocks.0.attention.q"].ratio == 4  # d_model 32 / 8
+    assert rules["groups.blocks.0.attention.o"].ratio == 4  # heads x head_dim: 4 x 8 / 1 x 8
+    assert rules["groups.blocks.0.ffn.down"].ratio == 4  # d_ff 48 / 12
+    assert rules["groups.blocks.1.ffn.down"].ratio == 4  # d_ff_expert 24 / 6
+    assert rules["lm_head"].ratio == 4 and rules["embed"].ratio == 4
+
+
+def test_rules_match_hand_computed_values(metap_model):
+    cfg, model, rules = metap_model
+    m, m_L, alpha, lr, wd, eps = 4.0, 2.0, 0.5, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.eps
+    q = rules["groups.blocks.0.attention.q"]
+    assert q.init_std == pytest.approx(0.02 / math.sqrt(m))
+    assert q.peak_lr(cfg) == pytest.approx(lr / m * m_L ** (alpha - 1))
+    assert q.weight_decay == pytest.approx(wd * m) and q.adam_eps == pytest.approx(eps / (m * m_L ** alpha))
+    gain = rules["final_norm.weight"]
+    assert gain.init_std is None and gain.weight_decay == 0
+    assert gain.lr_multiplier == pytest.approx(m_L ** (alpha - 1)) and gain.adam_eps == pytest.approx(q.adam_eps)
+    for name in ("lm_head", "embed", "groups.blocks.1.ffn.router"):
+        assert rules[name].init_std == 0.02 and rules[name].lr_multiplier == 1
+        assert rules[name].weight_decay == wd and rules[name].adam_eps == pytest.approx(eps / m)
+    p = model.parametrization
+    assert p.output_multiplier == pytest.approx(1 / m) and p.router_multiplier == pytest.approx(1 / m)
+    assert p.residual_multiplier == pytest.approx(m_L ** -alpha)
+    assert p.attention_scale == pytest.approx(math.sqrt(8) / 8)  # alpha_attn = sqrt(proxy head_dim), / head_dim
+
+
+def test_batch_and_horizon_exponents_and_adamw_timescale():
+    cfg = small_config(*PROXY, "metap.base.batch_size=1", "metap.base.tokens=4000", "train.steps=250",
+                       "metap.kappa=0.5", "metap.beta=0.3", "metap.weight_decay_timescale=true")
+    # batch 4 / 1; tokens 250 x 4 x 32 = 32000 = 8 x 4000.
+    factor = 4 ** 0.5 * 8 ** -0.3
+    rule = param_rule(cfg, "readout", 4.0)
+    assert rule.lr_multiplier == pytest.approx(factor)
+    assert rule.weight_decay == pytest.approx(cfg.optim.weight_decay * 4 / (factor * 8))  # B / (lr wd D) kept
+
+
+def test_metap_at_the_proxy_is_standard_parametrization():
+    """With every ratio 1 and default constants, MetaP gives the proxy exactly what SP gives it."""
+    sp_model, sp = rules_of(small_config())
+    mp_model, mp = rules_of(small_config("metap.parametrization=metap"))
+    assert sp == {k: v for k, v in mp.items()}
+    assert sp_model.parametrization.attention_scale == pytest.approx(mp_model.parametrization.attention_scale)
+    assert mp_model.parametrization.output_multiplier == 1 and mp_model.parametrization.residual_multiplier == 1
+
+
+def test_standard_parametrization_is_one_std_one_lr():
+    _, rules = rules_of(small_config("metap.init_std=0.05"))
+    matrices = [r for r in rules.values() if r.role != "vector"]
+    assert {r.init_std for r in matrices} == {0.05} and {r.lr_multiplier for r in rules.values()} == {1.0}
+    assert {r.weight_decay for r in rules.values() if r.role == "vector"} == {0.0}
+
+
+def test_init_params_draw_each_parameter_at_its_init_std(metap_model):
+    cfg, model, rules = metap_model
+    params = flat_paths(init_params(cfg, model, sharding(cfg)))
+    for path in ("groups.blocks.0.ffn.gate", "groups.blocks.1.ffn.up", "lm_head", "embed"):
+        assert float(np.std(params[path])) == pytest.approx(rules[path].init_std, rel=0.1), path
+    assert float(np.abs(params["final_norm.weight"] - 1).max()) == 0
+    zero_q = small_config(*PROXY, "metap.zero_init_query=true")
+    q = flat_paths(init_params(zero_q, define_model(zero_q, sharding(zero_q)), sharding(zero_q)))
+    assert float(np.abs(q["groups.blocks.0.attention.q"]).max()) == 0
+
+
+def test_optimizer_applies_per_parameter_eps_decay_and_lr(metap_model):
+    """One step from fresh moments, checked against the AdamW formula written out in numpy."""
+    cfg, model, rules = metap_model
+    params = jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype), model.abstract_params)
+    grads = jax.tree.map(lambda s: jnp.full(s.shape, 3e-9, s.dtype), model.abstract_params)  # eps-sized
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"grad_clip": None})})
+    schedule = make_schedule(cfg.optim.model_copy(update={"schedule": "constant", "warmup_steps": 0}), 10)
+    opt = build_optimizer(cfg, model.rules, schedule)
+    updates = flat_paths(opt.update(grads, opt.init(params), params)[0])
+    for path in ("groups.blocks.0.attention.q", "lm_head", "final_norm.weight"):
+        r = rules[path]
+        g = 3e-9
+        expected = -cfg.optim.lr * r.lr_multiplier * (g / (g + r.adam_eps) + r.weight_decay * 0.5)
+        assert float(updates[path].ravel()[0]) == pytest.approx(expected, rel=1e-5), path
+
+
+def test_optimizer_equals_optax_adamw_under_standard_parametrization():
+    cfg = small_config("train.grad_clip=null", "optim.weight_decay=0.1")
+    model = define_model(cfg, sharding(cfg))
+    params = init_params(cfg, model, sharding(cfg))
+    grads = jax.tree.map(lambda p: jnp.sin(p * 7.0), params)
+    schedule = make_schedule(cfg.optim, 100)
+    ours = build_optimizer(cfg, model.rules, schedule)
+    mask = jax.tree.map(lambda r: r.role != "vector", model.rules, is_leaf=IS_RULE)
+    reference = optax.adamw(schedule, b1=cfg.optim.b1, b2=cfg.optim.b2, eps=cfg.optim.eps,
+                            weight_decay=cfg.optim.weight_decay, mask=mask)
+    s1, s2 = ours.init(params), reference.init(params)
+    for _ in range(3):
+        u1, s1 = ours.update(grads, s1, params)
+        u2, s2 = reference.update(grads, s2, params)
+        for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-12)
+
+
+def test_coordinate_check_is_flat_under_metap_and_grows_under_sp():
+    from maxllama.metap.coord_check import coord_check
+    cfg, _ = load_config("experiments/metap/proxy.yaml", ["train.batch_size=4", "train.seq_len=32"])
+    slopes = {}
+    for param in ("metap", "standard"):
+        check = coord_check(cfg, "width", [32, 64, 128], param, seeds=(0,), steps=3, lr=0.01)
+        hidden = {m: s for m, s in check.slopes.items() if m != "embedding"}
+        slopes[param] = np.array([s[2:] for s in hidden.values()])
+    assert np.abs(slopes["metap"]).max() < 0.3, slopes["metap"]
+    assert slopes["standard"].min() > 0.6, slopes["standard"]  # SP: activations grow with width
+
+
+# ---- transfer on synthetic sweeps ----
+
+def synthetic_sweep(tmp_path, budgets, lr_opt, seeds=(0, 1), lrs=None, noise=0.0):
+    """A finished sweep whose final loss is a parabola in log2 LR around lr_opt(batch, steps)."""
+    proxy, _ = load_config("experiments/metap/proxy.yaml")
+    lrs = lrs or [2.0 ** k for k in range(-11, -3)]
+    rng = np.random.default_rng(0)
+    runs, swept = {}, ["optim.lr", "seed"] + (["train.batch_size", "train.steps"] if len(budgets) > 1 else [])
+    for batch, steps in budgets:
+        for lr in lrs:
+            for seed in seeds:
+                overrides = {"optim.lr": lr, "seed": seed}
+                if len(budgets) > 1:
+                    overrides |= {"train.batch_size": batch, "train.steps": steps}
+                name = f"b{batch}_s{steps}_lr{lr:g}_seed{seed}"
+                loss = 2.0 + 0.05 * (math.log2(lr) - math.log2(lr_opt(batch, steps))) ** 2 + noise * rng.normal()
+                d = tmp_path / "runs" / name
+                d.mkdir(parents=True)
+                (d / "metrics.jsonl").write_text(json.dumps({"step": steps, "loss": loss, "val_loss": loss}) + "\n")
+                cfg = proxy.model_copy(update={"train": proxy.train.model_copy(update={"batch_size": batch, "steps": steps})})
+                (d / "config.yaml").write_text(dump_config(cfg))
+                runs[name] = {"overrides": overrides, "status": "done"}
+    (tmp_path / "sweep.json").write_text(json.dumps({"sweep": "s.yaml", "base": "b.yaml", "swept": swept, "runs": runs}))
+    return tmp_path
+
+
+def test_transfer_finds_a_known_optimum_and_exponents(tmp_path):
+    from maxllama.metap.transfer import transfer
+    lr0, kappa, beta = 3e-3, 0.5, 0.3
+    budgets = [(8, 600), (16, 300), (32, 150), (8, 1200), (8, 2400)]  # batch at fixed tokens; horizon at fixed batch
+    truth = lambda b, s: lr0 * (b / 8) ** kappa * (b * s / 4800) ** -beta  # noqa: E731
+    result = transfer(synthetic_sweep(tmp_path, budgets, truth, noise=0.002))
+    assert math.log2(result.fits["optim.lr"].optimum) == pytest.approx(math.log2(lr0), abs=0.1)
+    assert result.kappa == pytest.approx(kappa, abs=0.1) and result.beta == pytest.approx(beta, abs=0.1)
+    config = result.config()
+    assert config["metap.base.batch_size"] == 8 and config["metap.base.tokens"] == 600 * 8 * 64
+    assert config["metap.base.d_model"] == 32 and config["metap.parametrization"] == "metap"
+    assert not [w for w in result.warnings if "edge" in w]
+
+
+def test_transfer_warns_at_the_edge_and_with_one_seed(tmp_path):
+    from maxllama.metap.transfer import transfer
+    result = transfer(synthetic_sweep(tmp_path, [(8, 600)], lambda b, s: 2.0 ** -3, seeds=(0,)))
+    assert any("edge of the swept range" in w for w in result.warnings)
+    assert any("single seed" in w for w in result.warnings)
+
+
+def test_transfer_cli_writes_metap_yaml_that_a_target_loads(tmp_path):
+    sweep = synthetic_sweep(tmp_path / "sweep", [(8, 600)], lambda b, s: 3e-3)
+    out = tmp_path / "metap.yaml"
+    target = ["experiments/metap/proxy.yaml", "--target"]
+    result = subprocess.run([sys.executable, "-m", "maxllama", "metap", "transfer", str(sweep), "--out", str(out),
+                             "--target", "experiments/metap/proxy.yaml"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "optim.lr: optimum 0.003" in result.stdout and "hidden" in result.stdout
+    doc = yaml.safe_load(out.read_text())
+    assert doc["target"]["parametrization"] == "metap"
+    cfg, origins = load_config("experiments/metap/proxy.yaml",
+                               [f"metap.from={out}", "model.d_model=128", "model.n_heads=8", "model.n_kv_heads=8"])
+    assert cfg.optim.lr == pytest.approx(3e-3, rel=0.02) and origins["optim.lr"].startswith("metap.from")
+    assert cfg.metap.base.d_model == 32 and cfg.model.d_model == 128
+    override, _ = load_config("experiments/metap/proxy.yaml", [f"metap.from={out}", "optim.lr=0.5"])
+    assert override.optim.lr == 0.5  # the command line still wins
+    del target
+
+
+def test_metap_from_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="metap.from: file not found"):
+        load_config("experiments/metap/proxy.yaml", ["metap.from=no/such/metap.yaml"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("fits: {}\n")
+    with pytest.raises(ConfigError, match="has no 'config:' mapping"):
+        load_config("experiments/metap/proxy.yaml", [f"metap.from={bad}"])
+    with pytest.raises(ConfigError, match="metap.base.n_kv_heads"):
+        load_config(None, ["metap.base.n_heads=3", "metap.base.n_kv_heads=2"])
+
+
+def test_metap_show_prints_every_group():
+    result = subprocess.run([sys.executable, "-m", "maxllama", "metap", "show", "experiments/metap/proxy.yaml",
+                             "model.d_model=128", "model.n_heads=8", "model.n_kv_heads=8", "model.d_ff=512",
+                             "model.d_ff_expert=256", "--parameters"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "ratios to the proxy: width 4" in result.stdout
+    for group in ("embedding", "hidden m=4", "readout", "router", "vector"):
+        assert group in result.stdout
+    assert "output 0.25" in result.stdout and "lm_head" in result.stdout
