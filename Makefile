@@ -8,7 +8,8 @@ CONFIG ?= experiments/tiny.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-slow bench bench-data bench-ckpt lint clean
+.PHONY: install train test test-slow bench bench-data bench-ckpt lint clean \
+	metap-coord metap-width metap-depth metap-experts metap-batch-horizon metap-e2e metap-all
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +42,42 @@ bench-data: $(STAMP)  ## token-store preparation MB/s and packed-batch tokens/s
 
 bench-ckpt: $(STAMP)  ## checkpoint save / async-blocked / restore times (tiny and ~300M parameters)
 	$(PY) -m maxllama.checkpoint.benchmark $(ARGS)
+
+# MetaP proofs (experiments/metap): each runs its sweeps on this machine and writes a plot and a table under
+# runs/sweeps/<name>/ (drift.png, drift.json) or runs/metap/.
+ML := $(VENV)/bin/maxllama
+SWEEP := $(ML) sweep run
+
+metap-coord: $(STAMP)  ## coordinate check: widths 32..512 and depths 2..32, MetaP vs standard
+	$(ML) metap coord-check experiments/metap/proxy.yaml --widths 32,64,128,256,512 --lr 4e-3 --out runs/metap/coord
+	$(ML) metap coord-check experiments/metap/proxy.yaml --depths 2,4,8,16,32 --lr 4e-3 --out runs/metap/coord
+
+metap-width: $(STAMP)  ## optimal-LR drift over 16x width, MetaP vs standard
+	$(SWEEP) experiments/metap/width.yaml
+	$(SWEEP) experiments/metap/width_sp.yaml
+	$(ML) metap drift runs/sweeps/width runs/sweeps/width_sp --key model.d_model --split metap.parametrization
+
+metap-depth: $(STAMP)  ## optimal-LR drift over 8x depth: alpha 1 and 0.5 vs standard
+	$(SWEEP) experiments/metap/depth.yaml
+	$(ML) metap drift runs/sweeps/depth --key model.n_layers --split metap.parametrization,metap.depth_alpha
+
+metap-experts: $(STAMP)  ## optimal-LR drift over 4x experts at fixed top-k/E
+	$(SWEEP) experiments/metap/experts.yaml
+	$(ML) metap drift runs/sweeps/experts --key model.n_experts --split metap.parametrization
+
+metap-batch-horizon: $(STAMP)  ## fit kappa and beta on the proxy; check the predicted LR at 8x batch and 8x horizon
+	$(SWEEP) experiments/metap/batch_horizon.yaml
+	$(SWEEP) experiments/metap/batch_horizon_check.yaml
+	$(ML) metap transfer runs/sweeps/batch_horizon --out runs/metap/batch_horizon.yaml --check runs/sweeps/batch_horizon_check
+
+metap-e2e: $(STAMP)  ## proxy LR sweep -> transfer -> one target run (2 seeds) vs a direct LR sweep at the target
+	$(SWEEP) experiments/metap/e2e_proxy.yaml
+	$(ML) metap transfer runs/sweeps/e2e_proxy --target experiments/metap/e2e_target.yaml --out runs/metap/e2e.yaml
+	$(SWEEP) experiments/metap/e2e_transferred.yaml
+	$(SWEEP) experiments/metap/e2e_direct.yaml
+	$(ML) metap regret runs/sweeps/e2e_transferred --direct runs/sweeps/e2e_direct --proxy runs/sweeps/e2e_proxy
+
+metap-all: metap-coord metap-width metap-depth metap-experts metap-batch-horizon metap-e2e  ## every MetaP proof (hours on 2 cores)
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff

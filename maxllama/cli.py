@@ -376,7 +376,7 @@ def cmd_metap_transfer(ns: argparse.Namespace) -> int:
         print(f"beta (LR ~ tokens^-beta): {result.beta:.3f}")
     for warning in result.warnings:
         print(f"warning: {warning}")
-    write(result, out, Path(ns.sweep_dir), None, None)
+    write(result, out, Path(ns.sweep_dir), None, None)  # the target below loads it through metap.from
     if ns.target:
         _, target, _ = _load([ns.target, f"metap.from={out.resolve()}"], None)
         target_summary = _model_summary(target)
@@ -384,6 +384,12 @@ def cmd_metap_transfer(ns: argparse.Namespace) -> int:
         from maxllama.metap import table
         print(f"\ntarget {ns.target}:")
         print(table.format_summary(target_summary))
+        from maxllama.metap.transfer import run_flops, sweep_flops
+        cost = sweep_flops(ns.sweep_dir) / run_flops(target)
+        print(f"proxy sweep cost: {cost:.3g} x the FLOPs of one target run")
+    if ns.check:
+        from maxllama.metap.transfer import check_report
+        print(check_report(result, ns.check, out, ns.metric))
     print(f"\nwrote {out}; a target config uses it with   metap: {{from: {out}}}   "
           f"(or the override metap.from={out})")
     return 0
@@ -391,9 +397,16 @@ def cmd_metap_transfer(ns: argparse.Namespace) -> int:
 
 def cmd_metap_drift(ns: argparse.Namespace) -> int:
     from maxllama.metap.drift import report
-    text, png, js = report(ns.sweep_dir, ns.key, ns.split, ns.metric)
+    text, png, js = report(ns.sweep_dirs, ns.key, ns.split, ns.metric)
     print(text)
     print(f"plot: {png}\ntable: {js}")
+    return 0
+
+
+def cmd_metap_regret(ns: argparse.Namespace) -> int:
+    from maxllama.metap.regret import regret
+    text, _ = regret(ns.transferred, ns.direct, ns.proxy, ns.metric)
+    print(text)
     return 0
 
 
@@ -559,6 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--target", metavar="CONFIG", help="also resolve and record the target's per-group values")
     tr.add_argument("--out", default="metap.yaml", help="file to write (default metap.yaml)")
     tr.add_argument("--metric", default="final_val_loss", help="metric to minimise (default final_val_loss)")
+    tr.add_argument("--check", metavar="SWEEP_DIR", help="a sweep at other batch sizes / horizons: compare its "
+                                                          "measured optimal LR with the prediction")
     tr.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                     help="use only the runs with this value of a swept key (e.g. model.d_model=32)")
     tr.set_defaults(func=cmd_metap_transfer)
@@ -567,11 +582,20 @@ def build_parser() -> argparse.ArgumentParser:
         "drift", help="how far the optimal LR moves along a scaled key of a sweep (per parametrization)",
         description="For each value of KEY (e.g. model.d_model) fit the optimal LR (parabola in log2, seeds "
                     "averaged) and report the spread of log2 LR* per parametrization; writes drift.png and drift.json.")
-    dr.add_argument("sweep_dir", metavar="SWEEP_DIR")
+    dr.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR", help="one or more sweeps, pooled")
     dr.add_argument("--key", required=True, help="the scaled key, e.g. model.d_model, model.n_layers, model.n_experts")
     dr.add_argument("--split", default=None, help="one panel per value of this swept key (e.g. metap.parametrization)")
     dr.add_argument("--metric", default="final_val_loss")
     dr.set_defaults(func=cmd_metap_drift)
+    rg = metap_commands.add_parser(
+        "regret", help="end to end: a transferred target run against the best of a direct sweep at the target",
+        description="Final loss of the target trained with transferred hyperparameters (a sweep over seeds) "
+                    "against the best point of a direct LR sweep at the target; writes regret.png and regret.json.")
+    rg.add_argument("transferred", metavar="TRANSFERRED_SWEEP_DIR")
+    rg.add_argument("--direct", required=True, metavar="SWEEP_DIR", help="the direct LR sweep at the target")
+    rg.add_argument("--proxy", nargs="*", default=[], metavar="SWEEP_DIR", help="proxy sweeps, for the cost ratio")
+    rg.add_argument("--metric", default="final_val_loss")
+    rg.set_defaults(func=cmd_metap_regret)
     ckpt = commands.add_parser("checkpoint", help="list and inspect checkpoints",
                                description="List a run's checkpoints or inspect one, from metadata alone.")
     ckpt_commands = ckpt.add_subparsers(dest="checkpoint_command", required=True, metavar="SUBCOMMAND")

@@ -165,11 +165,11 @@ def test_coordinate_check_is_flat_under_metap_and_grows_under_sp():
     cfg, _ = load_config("experiments/metap/proxy.yaml", ["train.batch_size=4", "train.seq_len=32"])
     slopes = {}
     for param in ("metap", "standard"):
-        check = coord_check(cfg, "width", [32, 64, 128], param, seeds=(0,), steps=3, lr=0.01)
+        check = coord_check(cfg, "width", [32, 64, 128], param, seeds=(0,), steps=3, lr=4e-3)
         hidden = {m: s for m, s in check.slopes.items() if m != "embedding"}
         slopes[param] = np.array([s[2:] for s in hidden.values()])
-    assert np.abs(slopes["metap"]).max() < 0.3, slopes["metap"]
-    assert slopes["standard"].min() > 0.6, slopes["standard"]  # SP: activations grow with width
+    assert np.abs(slopes["metap"]).max() < 0.25, slopes["metap"]  # 3 narrow widths, 1 seed: the full check is 0.1
+    assert slopes["standard"].min() > 0.5, slopes["standard"]  # SP: activations grow with width
 
 
 # ---- transfer on synthetic sweeps ----

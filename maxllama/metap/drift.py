@@ -61,13 +61,19 @@ class Drift:
         return out
 
 
-def drifts(sweep_dir: Path, key: str, split: str | None, metric: str = "final_val_loss") -> list[Drift]:
-    """`split`: comma-separated swept keys; one group (one drift) per combination of their values."""
-    rows, swept = collect(sweep_dir)
+def drifts(sweep_dirs: list[Path], key: str, split: str | None, metric: str = "final_val_loss") -> list[Drift]:
+    """Runs of one or more sweeps; `split`: comma-separated swept keys, one group (one drift) per combination
+    of their values."""
+    rows, swept = [], set()
+    for sweep_dir in sweep_dirs:
+        more, keys = collect(sweep_dir)
+        rows += more
+        swept.update(keys)
+    sweep_dir = ", ".join(map(str, sweep_dirs))
     split_keys = [k for k in (split or "").split(",") if k]
     for needed in (LR, key, *split_keys):
         if needed not in swept:
-            raise ConfigError(f"{sweep_dir}: '{needed}' is not swept (swept: {', '.join(swept)})")
+            raise ConfigError(f"{sweep_dir}: '{needed}' is not swept (swept: {', '.join(sorted(swept))})")
     points: dict[Any, dict[Any, dict[float, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for row in rows:
         value = row.get(metric)
@@ -122,12 +128,14 @@ def table(results: list[Drift], key: str) -> str:
     return "\n".join(lines)
 
 
-def report(sweep_dir: str | Path, key: str, split: str | None, metric: str = "final_val_loss") -> tuple[str, Path, Path]:
-    sweep_dir = Path(sweep_dir)
-    results = drifts(sweep_dir, key, split, metric)
+def report(sweep_dirs: list[str | Path], key: str, split: str | None, metric: str = "final_val_loss"
+           ) -> tuple[str, Path, Path]:
+    """Writes drift.png and drift.json into the first sweep directory."""
+    sweep_dirs = [Path(d) for d in sweep_dirs]
+    results = drifts(sweep_dirs, key, split, metric)
     if not results:
-        raise ConfigError(f"{sweep_dir}: no finished runs with {metric}; run the sweep first")
-    png, js = sweep_dir / "drift.png", sweep_dir / "drift.json"
+        raise ConfigError(f"{sweep_dirs[0]}: no finished runs with {metric}; run the sweep first")
+    png, js = sweep_dirs[0] / "drift.png", sweep_dirs[0] / "drift.json"
     plot(results, key, png)
     js.write_text(json.dumps({"key": key, "split": split, "metric": metric, "groups": [
         {"group": r.group, "drift_log2": r.drift, "slope_per_doubling": r.slope, "warnings": r.warnings(),

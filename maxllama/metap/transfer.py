@@ -11,6 +11,7 @@ target applies with `metap.from: PATH`; MetaP's rules then carry the proxy's val
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -90,6 +91,16 @@ class Transfer:
     beta: float | None
     warnings: list[str]
 
+    @property
+    def lr(self) -> float:
+        return self.fits["optim.lr"].optimum
+
+    def predict_lr(self, batch: int, tokens: int) -> float:
+        """The LR MetaP gives a run of this batch size and token count (the proxy's shape otherwise)."""
+        t = self.proxy.train
+        ratio_b, ratio_d = batch / t.batch_size, tokens / (t.steps * t.batch_size * t.seq_len)
+        return self.lr * ratio_b ** (self.kappa or 0.0) * ratio_d ** -(self.beta or 0.0)
+
     def config(self) -> dict[str, Any]:
         """The dotted keys a target applies with `metap.from`."""
         m, t = self.proxy.model, self.proxy.train
@@ -149,8 +160,9 @@ def transfer(sweep_dir: str | Path, metric: str = "final_val_loss", where: dict[
         rows = [r for r in rows if r.get(key) == value]
         if not rows:
             raise ConfigError(f"--where {key}={value}: no run of {sweep_dir} has that value")
-    hyper = [k for k in swept if is_hyperparameter(k)]
-    other = [k for k in swept if k not in hyper and k not in (BATCH, STEPS, SEED) and k not in (where or {})]
+    swept = [k for k in swept if len({json.dumps(r.get(k)) for r in rows}) > 1]  # varies within the selection
+    hyper = [k for k in swept if is_hyperparameter(k) and all(isinstance(r.get(k), (int, float)) for r in rows)]
+    other = [k for k in swept if k not in hyper and k not in (BATCH, STEPS, SEED)]
     if other:
         raise ConfigError(f"{sweep_dir} also varies {', '.join(other)}: pick the proxy's value with "
                           f"--where {other[0]}=VALUE")
@@ -196,3 +208,79 @@ def write(result: Transfer, out: Path, source: Path, target: Config | None, targ
     header = (f"# maxllama metap transfer {source}: the proxy's tuned hyperparameters and shape.\n"
               f"# A target config applies them with   metap: {{from: {out}}}\n")
     out.write_text(header + yaml.safe_dump(doc, sort_keys=False))
+
+
+def run_flops(cfg: Config) -> float:
+    from maxllama.train.flops import train_flops_per_token
+    tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
+    return train_flops_per_token(cfg.model, cfg.train.seq_len) * tokens
+
+
+def sweep_flops(sweep_dir: str | Path) -> float:
+    """Training FLOPs of every run of a sweep (from each run's resolved config)."""
+    sweep_dir = Path(sweep_dir)
+    return sum(run_flops(load_config(path)[0]) for path in sorted((sweep_dir / "runs").glob("*/config.yaml")))
+
+
+@dataclasses.dataclass
+class Check:
+    batch: int
+    steps: int
+    predicted_lr: float
+    measured: Fit
+
+    @property
+    def error_log2(self) -> float:
+        return math.log2(self.measured.optimum) - math.log2(self.predicted_lr)
+
+
+def check_predictions(result: Transfer, check_dir: str | Path, metric: str = "final_val_loss") -> list[Check]:
+    """The optimum that a sweep at other batch sizes / horizons measures, against the LR the fit predicts."""
+    rows, _ = collect(check_dir)
+    proxy = result.proxy.train
+    out = []
+    for batch, steps in sorted({(r.get(BATCH) or proxy.batch_size, r.get(STEPS) or proxy.steps) for r in rows}):
+        subset = [r for r in rows if (r.get(BATCH) or proxy.batch_size, r.get(STEPS) or proxy.steps) == (batch, steps)]
+        measured = fit_key(subset, "optim.lr", metric)
+        out.append(Check(batch, steps, result.predict_lr(batch, batch * steps * proxy.seq_len), measured))
+    return out
+
+
+def plot_checks(checks: list[Check], proxy_lr: float, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(checks), figsize=(5.5 * len(checks), 4.2), squeeze=False)
+    for ax, c in zip(axes[0], checks):
+        xs = [math.log2(p[0]) for p in c.measured.points]
+        ax.plot(xs, [p[1] for p in c.measured.points], "o-", label="measured (mean over seeds)")
+        ax.axvline(math.log2(c.measured.optimum), color="C0", linestyle=":", label=f"fitted optimum {c.measured.optimum:.3g}")
+        ax.axvline(math.log2(c.predicted_lr), color="C3", label=f"predicted {c.predicted_lr:.3g}")
+        ax.axvline(math.log2(proxy_lr), color="gray", linestyle="--", label=f"proxy's optimum {proxy_lr:.3g}")
+        ax.set_title(f"batch {c.batch}, {c.steps} steps: error {c.error_log2:+.2f} log2")
+        ax.set_xlabel("log2 learning rate")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("final validation loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def check_report(result: Transfer, check_dir: str | Path, out: Path, metric: str = "final_val_loss") -> str:
+    """Compare, write OUT_check.png and OUT_check.json beside `out`, and return the table."""
+    checks = check_predictions(result, check_dir, metric)
+    lines = [f"predicted vs measured optimal LR in {check_dir}:"]
+    for c in checks:
+        unchanged = math.log2(c.measured.optimum / result.lr)
+        lines.append(f"  batch {c.batch}, {c.steps} steps: predicted {c.predicted_lr:.4g}, measured "
+                     f"{c.measured.optimum:.4g} -> error {c.error_log2:+.3f} log2 (the proxy's LR unchanged: "
+                     f"{unchanged:+.3f})")
+        lines += [f"  warning: {w}" for w in c.measured.warnings()]
+    png = out.with_name(out.stem + "_check.png")
+    plot_checks(checks, result.lr, png)
+    out.with_name(out.stem + "_check.json").write_text(json.dumps(
+        [{"batch": c.batch, "steps": c.steps, "predicted_lr": c.predicted_lr, "measured_lr": c.measured.optimum,
+          "error_log2": c.error_log2, "points": c.measured.points} for c in checks], indent=2))
+    lines.append(f"plot: {png}")
+    return "\n".join(lines)

@@ -56,13 +56,12 @@ class Block(nnx.Module):
     def __call__(self, x, positions, segment_ids, cache=None, cache_index=None):
         """-> (output, MoE stats or None, updated KV cache or None)."""
         attended, cache = self.attention(self.attention_norm(x), positions, segment_ids, cache, cache_index)
-        attended = self.residual_multiplier * attended
-        h = x + attended
+        h = x + self.residual_multiplier * attended
         ffn_out = self.ffn(self.ffn_norm(h))
         ffn_out, stats = ffn_out if isinstance(self.ffn, MoE) else (ffn_out, None)
-        ffn_out = self.residual_multiplier * ffn_out
-        out = h + ffn_out
-        # What the coordinate check measures (unscanned layers); unused values cost nothing under jit.
+        out = h + self.residual_multiplier * ffn_out
+        # What the coordinate check measures (unscanned layers): the branches before their residual multiplier,
+        # which should stay O(1) in width and depth, and the residual stream. Unused values cost nothing under jit.
         for name, value in (("attention_out", attended), ("ffn_out", ffn_out), ("block_out", out)):
             self.sow(nnx.Intermediate, name, value)
         return out, stats, cache

@@ -1,0 +1,64 @@
+"""End to end: the target trained once with transferred hyperparameters, against the best point of a direct
+LR sweep at the target. Regret is the relative excess of the transferred run's final loss over that best
+point (both averaged over seeds); cost is the proxy sweep's FLOPs as a multiple of one target run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from maxllama.config import ConfigError, load_config
+from maxllama.metap.transfer import fit_key, run_flops, sweep_flops
+from maxllama.sweep.report import collect
+
+
+def regret(transferred_dir: str | Path, direct_dir: str | Path, proxy_dirs: list[str | Path] = (),
+           metric: str = "final_val_loss") -> tuple[str, dict]:
+    transferred_dir, direct_dir = Path(transferred_dir), Path(direct_dir)
+    rows, _ = collect(transferred_dir)
+    losses = [r[metric] for r in rows if r.get(metric) is not None and math.isfinite(r[metric])]
+    if not losses:
+        raise ConfigError(f"{transferred_dir}: no finished run with {metric}")
+    configs = sorted((transferred_dir / "runs").glob("*/config.yaml"))
+    target = load_config(configs[0])[0]
+    points = fit_key(collect(direct_dir)[0], "optim.lr", metric).points  # (lr, loss over seeds, seeds)
+    best_lr, best_loss, _ = min(points, key=lambda p: p[1])
+    transferred = float(np.mean(losses))
+    result = {
+        "transferred_lr": target.optim.lr, "transferred_loss": transferred, "transferred_seeds": len(losses),
+        "direct_best_lr": best_lr, "direct_best_loss": best_loss,
+        "direct_points": [[lr, loss] for lr, loss, _ in points],
+        "regret": (transferred - best_loss) / best_loss,
+        "proxy_sweep_cost_in_target_runs": sum(sweep_flops(d) for d in proxy_dirs) / run_flops(target) if proxy_dirs else None,
+        "direct_sweep_cost_in_target_runs": sweep_flops(direct_dir) / run_flops(target),
+    }
+    text = (f"transferred: LR {target.optim.lr:.4g}, final {metric} {transferred:.4f} ({len(losses)} seeds)\n"
+            f"direct sweep best: LR {best_lr:.4g}, {metric} {best_loss:.4f}\n"
+            f"regret: {100 * result['regret']:+.2f}% of the best direct point\n"
+            f"cost: direct sweep {result['direct_sweep_cost_in_target_runs']:.2f} target runs")
+    if proxy_dirs:
+        text += f"; proxy sweep {result['proxy_sweep_cost_in_target_runs']:.3f} target runs"
+    plot(result, transferred_dir / "regret.png")
+    (transferred_dir / "regret.json").write_text(json.dumps(result, indent=2))
+    return text + f"\nplot: {transferred_dir / 'regret.png'}", result
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    lrs, losses = zip(*result["direct_points"])
+    ax.plot(np.log2(lrs), losses, "o-", label="direct LR sweep at the target")
+    ax.plot([math.log2(result["transferred_lr"])], [result["transferred_loss"]], "*", markersize=15, color="C3",
+            markeredgecolor="black", label=f"transferred from the proxy (regret {100 * result['regret']:+.2f}%)")
+    ax.set_xlabel("log2 learning rate")
+    ax.set_ylabel("final validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
