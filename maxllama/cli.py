@@ -385,7 +385,7 @@ def cmd_metap_transfer(ns: argparse.Namespace) -> int:
         print(f"\ntarget {ns.target}:")
         print(table.format_summary(target_summary))
         from maxllama.metap.transfer import run_flops, sweep_flops
-        cost = sweep_flops(ns.sweep_dir) / run_flops(target)
+        cost = sweep_flops(ns.sweep_dir, result.runs) / run_flops(target)
         print(f"proxy sweep cost: {cost:.3g} x the FLOPs of one target run")
     if ns.check:
         from maxllama.metap.transfer import check_report

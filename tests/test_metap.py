@@ -16,7 +16,7 @@ import yaml
 
 from maxllama.config import ConfigError, load_config
 from maxllama.config.loader import dump_config
-from maxllama.metap import param_rule
+from maxllama.metap import param_rule, parametrization_for
 from maxllama.model.build import define_model, flat_paths, init_params
 from maxllama.parallel.mesh import build_mesh
 from maxllama.parallel.rules import LogicalSharding
@@ -87,6 +87,17 @@ def test_rules_match_hand_computed_values(metap_model):
     assert p.output_multiplier == pytest.approx(1 / m) and p.router_multiplier == pytest.approx(1 / m)
     assert p.residual_multiplier == pytest.approx(m_L ** -alpha)
     assert p.attention_scale == pytest.approx(math.sqrt(8) / 8)  # alpha_attn = sqrt(proxy head_dim), / head_dim
+
+
+def test_every_width_exponent_is_configurable():
+    cfg = small_config(*PROXY, "metap.exponents.hidden_init=1.0", "metap.exponents.hidden_lr=0.5",
+                       "metap.exponents.output=0.5", "metap.exponents.eps=0.0", "metap.exponents.attention=0.5")
+    rule = param_rule(cfg, "hidden", 4.0)
+    assert rule.init_std == pytest.approx(0.02 / 4) and rule.lr_multiplier == pytest.approx(1 / 2)
+    assert rule.weight_decay == pytest.approx(cfg.optim.weight_decay * 2)
+    assert rule.adam_eps == pytest.approx(cfg.optim.eps / 2)  # width no longer shrinks it; depth (m_L = 2) still does
+    p = parametrization_for(cfg)
+    assert p.output_multiplier == pytest.approx(0.5) and p.attention_scale == pytest.approx(8 ** -0.5)
 
 
 def test_batch_and_horizon_exponents_and_adamw_timescale():

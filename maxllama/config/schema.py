@@ -212,6 +212,17 @@ class MetaPBaseConfig(Section):
     WIDTH_KEYS: ClassVar[tuple[str, ...]] = ("d_model", "d_ff", "d_ff_expert", "n_heads", "n_kv_heads", "head_dim")
 
 
+class MetaPExponents(Section):
+    """The width exponents of the rules (muP for Adam by default); ratios are raised to these powers."""
+
+    hidden_init: float = Field(0.5, description="Hidden init std x m^-hidden_init.")
+    hidden_lr: float = Field(1.0, description="Hidden LR x m^-hidden_lr; hidden weight decay x m^hidden_lr "
+                                              "(keeps LR x weight decay fixed).")
+    output: float = Field(1.0, description="Logits and router logits x m_d^-output.")
+    eps: float = Field(1.0, description="Adam eps x m_d^-eps (gradients shrink with width).")
+    attention: float = Field(1.0, description="Attention logits x head_dim^-attention (1: muP; 0.5: standard).")
+
+
 class MetaPConfig(Section):
     """Per-group init scales, multipliers and learning rates (METAP.md). With `parametrization: metap`, the
     numbers below are the proxy's tuned values and the rules carry them to this run's shape."""
@@ -220,6 +231,7 @@ class MetaPConfig(Section):
         "standard", description="standard: one init std, one LR, 1/sqrt(head_dim) attention; metap: the rules.")
     init_std: float = Field(0.02, description="standard: init std of every matrix.")
     base: MetaPBaseConfig = Field(MetaPBaseConfig(), description="The proxy's shape, batch size and tokens.")
+    exponents: MetaPExponents = Field(MetaPExponents(), description="Width exponents of the rules.")
     depth_alpha: float = Field(1.0, description="Residual branches x (L/L0)^-alpha: 1 CompleteP, 0.5 depth-muP.")
     sigma_embedding: float = Field(0.02, description="Init std of the embedding.")
     sigma_hidden: float = Field(0.02, description="Init std of hidden matrices at the proxy's fan-in.")
@@ -230,7 +242,8 @@ class MetaPConfig(Section):
     alpha_router: float = Field(1.0, description="Router logits x alpha_router / m_d.")
     alpha_residual: float = Field(1.0, description="Residual branches x alpha_residual (L/L0)^-alpha.")
     alpha_attention: Optional[float] = Field(
-        None, description="Attention logits x alpha_attention / head_dim; null: sqrt(proxy head_dim).")
+        None, description="Attention logits x alpha_attention / head_dim; null: proxy head_dim^(exponent - 1/2), "
+                          "which is 1/sqrt(head_dim) at the proxy.")
     lr_embedding: float = Field(1.0, description="c_emb: embedding LR = lr x c_emb.")
     lr_hidden: float = Field(1.0, description="c_h: hidden LR = lr x c_h / m x (L/L0)^(alpha-1).")
     lr_vector: float = Field(1.0, description="c_v: norm-gain LR = lr x c_v x (L/L0)^(alpha-1).")

@@ -9,7 +9,6 @@ its own target; `parametrization: standard` returns the one-std, one-LR contrast
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal, Optional
 
 from maxllama.config.schema import Config
@@ -62,16 +61,16 @@ def parametrization_for(cfg: Config) -> Parametrization:
     mp, head_dim = cfg.metap, cfg.model.resolved_head_dim
     if mp.parametrization == "standard":
         return Parametrization("standard", attention_scale=head_dim ** -0.5)
-    s = run_scales(cfg)
-    # alpha_attn / head_dim, with alpha_attn defaulting to sqrt(proxy head_dim): 1/sqrt(head_dim) at the proxy.
-    alpha_attention = mp.alpha_attention if mp.alpha_attention is not None else math.sqrt(proxy_head_dim(cfg))
+    s, e = run_scales(cfg), mp.exponents
+    # alpha_attn / head_dim^e, alpha_attn defaulting to proxy head_dim^(e - 1/2): 1/sqrt(head_dim) at the proxy.
+    alpha_attention = mp.alpha_attention if mp.alpha_attention is not None else proxy_head_dim(cfg) ** (e.attention - 0.5)
     return Parametrization(
         "metap",
         embedding_multiplier=mp.alpha_embedding,
-        output_multiplier=mp.alpha_output / s.width,
-        router_multiplier=mp.alpha_router / s.width,
+        output_multiplier=mp.alpha_output * s.width ** -e.output,
+        router_multiplier=mp.alpha_router * s.width ** -e.output,
         residual_multiplier=mp.alpha_residual * s.depth ** -mp.depth_alpha,
-        attention_scale=alpha_attention / head_dim)
+        attention_scale=alpha_attention * head_dim ** -e.attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,20 +100,22 @@ def param_rule(cfg: Config, role: Role, ratio: float, query: bool = False) -> Pa
         vector = role == "vector"
         return ParamRule(role, ratio, None if vector else mp.init_std, 1.0,
                          0.0 if vector else o.weight_decay, o.eps)
-    s = run_scales(cfg)
+    s, e = run_scales(cfg), mp.exponents
     alpha = mp.depth_alpha
     lr = global_lr_factor(cfg, s)
     depth_lr = s.depth ** (alpha - 1)
     wd = o.weight_decay
     if mp.weight_decay_timescale:  # keep tau = B / (lr * wd * D) of the proxy
         wd *= s.batch / (lr * s.tokens)
-    hidden_eps = o.eps / (s.width * s.depth ** alpha)
+    eps = o.eps * s.width ** -e.eps
+    hidden_eps = eps * s.depth ** -alpha
+    m_lr = ratio ** e.hidden_lr
     init_std, lr_multiplier, weight_decay, eps = {
-        "embedding": (mp.sigma_embedding, lr * mp.lr_embedding, wd, o.eps / s.width),
-        "hidden": (mp.sigma_hidden / math.sqrt(ratio), lr * mp.lr_hidden / ratio * depth_lr, wd * ratio, hidden_eps),
+        "embedding": (mp.sigma_embedding, lr * mp.lr_embedding, wd, eps),
+        "hidden": (mp.sigma_hidden * ratio ** -e.hidden_init, lr * mp.lr_hidden / m_lr * depth_lr, wd * m_lr, hidden_eps),
         "vector": (None, lr * mp.lr_vector * depth_lr, 0.0, hidden_eps),
-        "readout": (mp.sigma_readout, lr * mp.lr_readout, wd, o.eps / s.width),
-        "router": (mp.sigma_readout, lr * mp.lr_router, wd, o.eps / s.width),
+        "readout": (mp.sigma_readout, lr * mp.lr_readout, wd, eps),
+        "router": (mp.sigma_readout, lr * mp.lr_router, wd, eps),
     }[role]
     if query and mp.zero_init_query:
         init_std = 0.0

@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 
 from maxllama.config import ConfigError, load_config
+from maxllama.config.loader import flatten
 from maxllama.config.schema import Config
 from maxllama.sweep.report import collect, fit_optimum
 
@@ -85,6 +86,7 @@ def _at_best_of_others(rows: list[dict], key: str, others: Sequence[str], metric
 @dataclasses.dataclass
 class Transfer:
     proxy: Config  # the proxy's resolved config at its reference batch size and horizon
+    runs: list[str]  # the proxy sweep's runs the fits used
     fits: dict[str, Fit]
     lr_by_budget: list[dict[str, float]]  # per (batch, steps): batch, tokens, optimal lr
     kappa: float | None
@@ -112,8 +114,9 @@ class Transfer:
         out["metap.base.tokens"] = t.steps * t.batch_size * t.seq_len
         # The proxy's own values of everything MetaP carries over, then the fitted optima on top.
         out.update({f"optim.{k}": getattr(self.proxy.optim, k) for k in ("lr", "weight_decay", "eps")})
-        out.update({f"metap.{k}": v for k, v in self.proxy.metap.model_dump().items()
-                    if k not in ("parametrization", "init_std", "base", "kappa", "beta")})
+        carried = {k: v for k, v in self.proxy.metap.model_dump().items()
+                   if k not in ("parametrization", "init_std", "base", "kappa", "beta")}
+        out.update(flatten(carried, "metap."))
         for key, fit in self.fits.items():
             out[key] = float(f"{fit.optimum:.6g}")
         if self.kappa is not None:
@@ -190,7 +193,7 @@ def transfer(sweep_dir: str | Path, metric: str = "final_val_loss", where: dict[
                 lr_by_budget.append({"batch": b, "steps": s, "tokens": b * s * proxy.train.seq_len, "lr": fit.optimum})
             kappa, beta, more = fit_exponents(lr_by_budget)
             warnings += more
-    return Transfer(proxy, fits, lr_by_budget, kappa, beta, warnings)
+    return Transfer(proxy, [r["name"] for r in rows], fits, lr_by_budget, kappa, beta, warnings)
 
 
 def write(result: Transfer, out: Path, source: Path, target: Config | None, target_summary: dict | None) -> None:
@@ -216,10 +219,10 @@ def run_flops(cfg: Config) -> float:
     return train_flops_per_token(cfg.model, cfg.train.seq_len) * tokens
 
 
-def sweep_flops(sweep_dir: str | Path) -> float:
-    """Training FLOPs of every run of a sweep (from each run's resolved config)."""
-    sweep_dir = Path(sweep_dir)
-    return sum(run_flops(load_config(path)[0]) for path in sorted((sweep_dir / "runs").glob("*/config.yaml")))
+def sweep_flops(sweep_dir: str | Path, runs: Sequence[str] | None = None) -> float:
+    """Training FLOPs of a sweep's runs (all, or those named), from each run's resolved config."""
+    paths = sorted((Path(sweep_dir) / "runs").glob("*/config.yaml"))
+    return sum(run_flops(load_config(path)[0]) for path in paths if runs is None or path.parent.name in runs)
 
 
 @dataclasses.dataclass
