@@ -269,3 +269,39 @@ def test_metap_show_prints_every_group():
     for group in ("embedding", "hidden m=4", "readout", "router", "vector"):
         assert group in result.stdout
     assert "output 0.25" in result.stdout and "lm_head" in result.stdout
+
+
+def test_drift_measures_how_far_the_optimum_moves(tmp_path):
+    """SP-like curves whose optimum halves per doubling of width, MetaP-like ones whose optimum stays put."""
+    from maxllama.metap.drift import report
+    runs = {}
+    for param, shift in (("standard", -1.0), ("metap", 0.0)):
+        for d in (32, 64, 128):
+            for lr in [2.0 ** k for k in range(-12, -2)]:
+                for seed in (0, 1):
+                    opt = math.log2(4e-3) + shift * math.log2(d / 32)
+                    loss = 2.0 + 0.04 * (math.log2(lr) - opt) ** 2
+                    name = f"{param}_d{d}_lr{lr:g}_s{seed}"
+                    (tmp_path / "runs" / name).mkdir(parents=True)
+                    (tmp_path / "runs" / name / "metrics.jsonl").write_text(json.dumps({"step": 1, "val_loss": loss}))
+                    runs[name] = {"overrides": {"metap.parametrization": param, "model.d_model": d, "optim.lr": lr,
+                                                "seed": seed}, "status": "done"}
+    (tmp_path / "sweep.json").write_text(json.dumps({"swept": ["metap.parametrization", "model.d_model", "optim.lr", "seed"],
+                                                     "runs": runs}))
+    text, png, js = report([tmp_path], "model.d_model", "metap.parametrization")
+    groups = {g["group"]: g for g in json.loads(js.read_text())["groups"]}
+    assert groups["metap.parametrization=metap"]["drift_log2"] == pytest.approx(0.0, abs=0.02)
+    assert groups["metap.parametrization=standard"]["drift_log2"] == pytest.approx(2.0, abs=0.02)
+    assert groups["metap.parametrization=standard"]["slope_per_doubling"] == pytest.approx(-1.0, abs=0.02)
+    assert png.exists() and "drift 2.000 log2" in text
+
+
+def test_regret_compares_the_transferred_run_with_the_best_direct_point(tmp_path):
+    from maxllama.metap.regret import regret
+    direct = synthetic_sweep(tmp_path / "direct", [(8, 600)], lambda b, s: 2.0 ** -8)  # best loss 2.0 at 2^-8
+    transferred = synthetic_sweep(tmp_path / "transferred", [(8, 600)], lambda b, s: 2.0 ** -8,
+                                  lrs=[2.0 ** -7])  # one LR step off the optimum: loss 2.05
+    text, result = regret(transferred, direct, [direct])
+    assert result["regret"] == pytest.approx(0.05 / 2.0, rel=1e-6)
+    assert result["direct_best_loss"] == pytest.approx(2.0) and result["direct_sweep_cost_in_target_runs"] == 16
+    assert "regret: +2.50%" in text and (transferred / "regret.png").exists()

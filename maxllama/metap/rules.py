@@ -89,7 +89,7 @@ class ParamRule:
 
 
 def global_lr_factor(cfg: Config, s: Scales) -> float:
-    """eta x m_B^kappa x m_D^-beta: the fitted batch-size and horizon exponents."""
+    """m_B^kappa x m_D^-beta: what the fitted batch-size and horizon exponents do to every LR."""
     return s.batch ** cfg.metap.kappa * s.tokens ** -cfg.metap.beta
 
 
@@ -102,20 +102,20 @@ def param_rule(cfg: Config, role: Role, ratio: float, query: bool = False) -> Pa
                          0.0 if vector else o.weight_decay, o.eps)
     s, e = run_scales(cfg), mp.exponents
     alpha = mp.depth_alpha
-    lr = global_lr_factor(cfg, s)
+    eta = global_lr_factor(cfg, s)
     depth_lr = s.depth ** (alpha - 1)
     wd = o.weight_decay
     if mp.weight_decay_timescale:  # keep tau = B / (lr * wd * D) of the proxy
-        wd *= s.batch / (lr * s.tokens)
+        wd *= s.batch / (eta * s.tokens)
     eps = o.eps * s.width ** -e.eps
     hidden_eps = eps * s.depth ** -alpha
     m_lr = ratio ** e.hidden_lr
     init_std, lr_multiplier, weight_decay, eps = {
-        "embedding": (mp.sigma_embedding, lr * mp.lr_embedding, wd, eps),
-        "hidden": (mp.sigma_hidden * ratio ** -e.hidden_init, lr * mp.lr_hidden / m_lr * depth_lr, wd * m_lr, hidden_eps),
-        "vector": (None, lr * mp.lr_vector * depth_lr, 0.0, hidden_eps),
-        "readout": (mp.sigma_readout, lr * mp.lr_readout, wd, eps),
-        "router": (mp.sigma_readout, lr * mp.lr_router, wd, eps),
+        "embedding": (mp.sigma_embedding, eta * mp.lr_embedding, wd, eps),
+        "hidden": (mp.sigma_hidden * ratio ** -e.hidden_init, eta * mp.lr_hidden / m_lr * depth_lr, wd * m_lr, hidden_eps),
+        "vector": (None, eta * mp.lr_vector * depth_lr, 0.0, hidden_eps),
+        "readout": (mp.sigma_readout, eta * mp.lr_readout, wd, eps),
+        "router": (mp.sigma_readout, eta * mp.lr_router, wd, eps),
     }[role]
     if query and mp.zero_init_query:
         init_std = 0.0
