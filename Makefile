@@ -59,7 +59,8 @@ metap-width: $(STAMP)  ## optimal-LR drift over 16x width, MetaP vs standard
 
 metap-depth: $(STAMP)  ## optimal-LR drift over 8x depth: alpha 1 and 0.5 vs standard
 	$(SWEEP) experiments/metap/depth.yaml
-	$(ML) metap drift runs/sweeps/depth --key model.n_layers --split metap.parametrization,metap.depth_alpha
+	$(SWEEP) experiments/metap/depth_sp.yaml
+	$(ML) metap drift runs/sweeps/depth runs/sweeps/depth_sp --key model.n_layers --split metap.parametrization,metap.depth_alpha
 
 metap-experts: $(STAMP)  ## optimal-LR drift over 4x experts at fixed top-k/E
 	$(SWEEP) experiments/metap/experts.yaml
@@ -70,7 +71,7 @@ metap-batch-horizon: $(STAMP)  ## fit kappa and beta on the proxy; check the pre
 	$(SWEEP) experiments/metap/batch_horizon_check.yaml
 	$(ML) metap transfer runs/sweeps/batch_horizon --out runs/metap/batch_horizon.yaml --check runs/sweeps/batch_horizon_check
 
-metap-e2e: $(STAMP)  ## proxy LR sweep -> transfer -> one target run (2 seeds) vs a direct LR sweep at the target
+metap-e2e: $(STAMP)  ## proxy LR sweep -> transfer -> target (4x width, 4x depth; 2 seeds) vs a direct LR sweep there
 	$(SWEEP) experiments/metap/e2e_proxy.yaml
 	$(ML) metap transfer runs/sweeps/e2e_proxy --target experiments/metap/e2e_target.yaml --out runs/metap/e2e.yaml
 	$(SWEEP) experiments/metap/e2e_transferred.yaml
