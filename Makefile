@@ -59,12 +59,13 @@ metap-width: $(STAMP)  ## optimal-LR drift over 16x width, MetaP vs standard
 
 metap-depth: $(STAMP)  ## optimal-LR drift over 8x depth: alpha 1 and 0.5 vs standard
 	$(SWEEP) experiments/metap/depth.yaml
-	$(SWEEP) experiments/metap/depth_sp.yaml
-	$(ML) metap drift runs/sweeps/depth runs/sweeps/depth_sp --key model.n_layers --split metap.parametrization,metap.depth_alpha
+	$(SWEEP) experiments/metap/depth_contrast.yaml
+	$(ML) metap drift runs/sweeps/depth runs/sweeps/depth_contrast --key model.n_layers --split metap.parametrization,metap.depth_alpha
 
 metap-experts: $(STAMP)  ## optimal-LR drift over 4x experts at fixed top-k/E
 	$(SWEEP) experiments/metap/experts.yaml
-	$(ML) metap drift runs/sweeps/experts --key model.n_experts --split metap.parametrization
+	$(SWEEP) experiments/metap/experts_sp.yaml
+	$(ML) metap drift runs/sweeps/experts runs/sweeps/experts_sp --key model.n_experts --split metap.parametrization
 
 metap-batch-horizon: $(STAMP)  ## fit kappa and beta on the proxy; check the predicted LR at 8x batch and 8x horizon
 	$(SWEEP) experiments/metap/batch_horizon.yaml
