@@ -48,9 +48,13 @@ bench-ckpt: $(STAMP)  ## checkpoint save / async-blocked / restore times (tiny a
 ML := $(VENV)/bin/maxllama
 SWEEP := $(ML) sweep run
 
+# The logits' init part shrinks as 1/sqrt(width) by design (readout multiplier 1/m_d); a small readout init lets
+# the check see the update-dominated regime from step 2 on, as muP's zero-init readout does.
+COORD := $(ML) metap coord-check experiments/metap/proxy.yaml metap.sigma_readout=0.005 --lr 4e-3 --out runs/metap/coord
+
 metap-coord: $(STAMP)  ## coordinate check: widths 32..512 and depths 2..32, MetaP vs standard
-	$(ML) metap coord-check experiments/metap/proxy.yaml --widths 32,64,128,256,512 --lr 4e-3 --out runs/metap/coord
-	$(ML) metap coord-check experiments/metap/proxy.yaml --depths 2,4,8,16,32 --lr 4e-3 --out runs/metap/coord
+	$(COORD) --widths 32,64,128,256,512
+	$(COORD) --depths 2,4,8,16,32
 
 metap-width: $(STAMP)  ## optimal-LR drift over 16x width, MetaP vs standard
 	$(SWEEP) experiments/metap/width.yaml
