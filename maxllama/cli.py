@@ -565,8 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     coord.set_defaults(func=cmd_metap_coord_check)
     tr = metap_commands.add_parser(
         "transfer", help="fit a proxy sweep's optima and write the target's MetaP hyperparameters",
-        description="Fit the optimum of every swept hyperparameter of a proxy sweep (parabola in log2 around the "
-                    "best points, seeds averaged), the batch-size and horizon exponents kappa and beta when the "
+        description="Fit the optimum of every swept hyperparameter of a proxy sweep (parabola in log2 through the "
+                    "best point and its neighbours, seeds averaged), the batch-size and horizon exponents kappa and beta when the "
                     "sweep varied them, and write metap.yaml; a target config applies it with metap.from: PATH.")
     tr.add_argument("sweep_dir", metavar="PROXY_SWEEP_DIR")
     tr.add_argument("--target", metavar="CONFIG", help="also resolve and record the target's per-group values")

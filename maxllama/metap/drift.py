@@ -1,7 +1,7 @@
 """How far the optimal learning rate moves along a scaling axis: the measure of transfer.
 
 For every curve of a sweep (one value of the scaled key, e.g. model.d_model, within one parametrization),
-the seed-averaged final loss against log2(LR) gets a parabola through its best points; the drift of a
+the seed-averaged final loss against log2(LR) gets a parabola through its best point and neighbours; the drift of a
 parametrization is the spread (max - min) of its fitted log2 optima over the axis, and the per-step slope
 says which way it moves. Writes a plot (one panel per parametrization), drift.json and a table.
 """

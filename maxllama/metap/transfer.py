@@ -1,7 +1,7 @@
 """`maxllama metap transfer`: from a proxy sweep to the hyperparameters of a target run.
 
 Every swept hyperparameter (the global LR `optim.lr`, weight decay, any `metap.*` constant) gets its optimum
-from a parabola in log2 space through the best points of its seed-averaged loss curve, taken at the best
+from a parabola in log2 space through the best point of its seed-averaged loss curve and its neighbours, taken at the best
 values of the others. When the sweep varied the batch size or the horizon (train.batch_size, train.steps),
 the optimal LR of each (batch, horizon) pair gives the exponents kappa and beta by least squares on
 log2 lr* = c + kappa log2(B/B0) - beta log2(D/D0). The result is a `metap.yaml` whose `config:` mapping a

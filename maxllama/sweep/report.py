@@ -1,6 +1,6 @@
 """`maxllama sweep report DIR`: one row per run (swept values, status, final and best metrics) as a CSV and a
 table, and a plot of a metric against one swept key with one curve per value of another, each curve's
-optimum fitted (a parabola in log2 space through the best points, averaged over seeds) and marked."""
+optimum fitted (a parabola in log2 space through the best point and its neighbours, seeds averaged) and marked."""
 
 from __future__ import annotations
 
@@ -71,12 +71,13 @@ def table(rows: list[dict], swept: list[str]) -> str:
 
 
 def fit_optimum(xs: list[float], ys: list[float]) -> Optimum:
-    """Parabola in log2(x) through the best point and its neighbours (up to 5 points)."""
+    """Parabola in log2(x) through the best point and its two neighbours. Loss-vs-LR curves are asymmetric
+    (a cliff above the optimum, a slope below it), so a wider fit drags the vertex towards the flat side."""
     order = np.argsort(xs)
     lx, y = np.log2(np.asarray(xs, float)[order]), np.asarray(ys, float)[order]
     best = int(np.argmin(y))
     at_edge = best in (0, len(y) - 1)
-    lo, hi = max(0, best - 2), min(len(y), best + 3)
+    lo, hi = max(0, best - 1), min(len(y), best + 2)
     if hi - lo >= 3:
         a, b, c = np.polyfit(lx[lo:hi], y[lo:hi], 2)
         if a > 0:
