@@ -173,7 +173,7 @@ def test_optimizer_equals_optax_adamw_under_standard_parametrization():
 
 def test_coordinate_check_is_flat_under_metap_and_grows_under_sp():
     from maxllama.metap.coord_check import coord_check
-    cfg, _ = load_config("experiments/metap/proxy.yaml", ["train.batch_size=4", "train.seq_len=32"])
+    cfg, _ = load_config("experiments/metap/proxy.yaml", ["train.batch_size=4", "train.seq_len=32", "metap.sigma_readout=0.005"])
     slopes = {}
     for param in ("metap", "standard"):
         check = coord_check(cfg, "width", [32, 64, 128], param, seeds=(0,), steps=3, lr=4e-3)
