@@ -7,6 +7,7 @@ with code 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -297,15 +298,10 @@ def cmd_sweep_report(ns: argparse.Namespace) -> int:
 
 
 def _model_summary(cfg) -> dict:
+    """MetaP's resolved table for a config, from abstract shapes (nothing allocated, any mesh size)."""
     from maxllama.metap import table
-    from maxllama.model.build import define_model
-    from maxllama.parallel.mesh import build_mesh
-    from maxllama.parallel.rules import LogicalSharding, make_rules
-    import jax
-    sharding = LogicalSharding(build_mesh(cfg.mesh.model_copy(update={"fsdp": -1, "data": 1, "tensor": 1, "expert": 1,
-                                                                          "preset": None}), jax.devices()[:1]),
-                               make_rules(cfg.mesh.rules))
-    return table.summary(cfg, define_model(cfg, sharding))
+    from maxllama.model.build import define_model, one_device_sharding
+    return table.summary(cfg, define_model(cfg, one_device_sharding()))
 
 
 def cmd_metap_show(ns: argparse.Namespace) -> int:
@@ -623,6 +619,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("maxllama: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except _training_stopped() as e:
         print(f"maxllama: stopped: {e}", file=sys.stderr)
         return e.exit_code

@@ -42,11 +42,15 @@ def _abstract(model_cfg: ModelConfig, parametrization: Parametrization, sharding
     return nnx.split(abstract)
 
 
+def one_device_sharding() -> LogicalSharding:
+    """A mesh of one device: enough for whatever depends only on shapes (roles, rules, parameter counts)."""
+    return LogicalSharding(Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+
+
 @functools.lru_cache(maxsize=64)
 def _shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of a model config (structure only: multipliers and mesh do not change them)."""
-    sharding = LogicalSharding(Mesh(np.asarray(jax.devices()[:1]), ("data",)))
-    _, state = _abstract(model_cfg, Parametrization("shapes"), sharding, 0)
+    _, state = _abstract(model_cfg, Parametrization("shapes"), one_device_sharding(), 0)
     return {path: tuple(s.shape) for path, s in flat_paths(nnx.to_pure_dict(state)).items()}
 
 
