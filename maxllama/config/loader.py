@@ -118,15 +118,21 @@ def apply_overrides(data: dict[str, Any], origins: dict[str, str], overrides: Se
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override '{item}' must look like section.key=value")
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[parts[-1]] = parse_scalar(value)
+        set_dotted(data, key, parse_scalar(value))
         origins[key] = "override"
     return data
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """data["a"]["b"]["c"] = value for key "a.b.c", making (or replacing) the mappings on the way; the schema
+    then rejects a key that names nothing."""
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
 
 
 def schema_keys(model: type[Section] = Config, prefix: str = "") -> list[str]:
@@ -233,12 +239,7 @@ def _apply_transferred(data: dict[str, Any], origins: dict[str, str], source: An
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: has no '{TRANSFERRED_KEY}:' mapping of dotted keys; is it from `maxllama metap transfer`?")
     for key, value in values.items():
-        node = data
-        for part in key.split(".")[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{path}: '{key}' does not name a config key")
-        node[key.split(".")[-1]] = value
+        set_dotted(data, key, value)
         origins[key] = f"metap.from {path}"
     return data
 
