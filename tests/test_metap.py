@@ -294,6 +294,10 @@ def test_drift_measures_how_far_the_optimum_moves(tmp_path):
     assert groups["metap.parametrization=standard"]["drift_log2"] == pytest.approx(2.0, abs=0.02)
     assert groups["metap.parametrization=standard"]["slope_per_doubling"] == pytest.approx(-1.0, abs=0.02)
     assert png.exists() and "drift 2.000 log2" in text
+    # At the proxy's LR* the standard curve 4x wider is 2 octaves off its optimum: 0.04 * 2^2 / 2.0 = 8% worse
+    # (a little more: interpolated between grid points); the MetaP curves lose nothing.
+    assert groups["metap.parametrization=standard"]["curves"][-1]["loss_penalty_at_proxy_lr"] == pytest.approx(0.08, abs=0.003)
+    assert max(c["loss_penalty_at_proxy_lr"] for c in groups["metap.parametrization=metap"]["curves"]) < 0.002
 
 
 def test_regret_compares_the_transferred_run_with_the_best_direct_point(tmp_path):

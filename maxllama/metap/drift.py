@@ -3,7 +3,8 @@
 For every curve of a sweep (one value of the scaled key, e.g. model.d_model, within one parametrization),
 the seed-averaged final loss against log2(LR) gets a parabola through its best point and neighbours; the drift of a
 parametrization is the spread (max - min) of its fitted log2 optima over the axis, and the per-step slope
-says which way it moves. Writes a plot (one panel per parametrization), drift.json and a table.
+says which way it moves. What the drift costs: each curve's loss at the first curve's (the proxy's) optimal LR,
+relative to its own optimum. Writes a plot (one panel per parametrization), drift.json and a table.
 """
 
 from __future__ import annotations
@@ -50,6 +51,20 @@ class Drift:
         """Fitted change of log2 LR* per doubling of the scaled key."""
         x = np.log2([float(c.value) for c in self.curves])
         return float(np.polyfit(x, self.log2_optima, 1)[0]) if len(x) > 1 else 0.0
+
+    @property
+    def penalties(self) -> list[float | None]:
+        """Each curve's loss at the proxy's LR* over its loss at its own LR*, minus 1: what training it with the
+        proxy's LR costs. Both are interpolated in log2 LR between measured points, so the proxy's own curve costs
+        0; None outside the curve's swept range."""
+        x = math.log2(self.curves[0].optimum.x)
+        out = []
+        for c in self.curves:
+            log2_lrs = np.log2(c.lrs)
+            inside = log2_lrs[0] <= x <= log2_lrs[-1]
+            at = lambda lr: float(np.interp(lr, log2_lrs, c.losses))  # noqa: E731
+            out.append(at(x) / at(math.log2(c.optimum.x)) - 1 if inside else None)
+        return out
 
     def warnings(self) -> list[str]:
         out = []
@@ -121,10 +136,11 @@ def table(results: list[Drift], key: str) -> str:
     for r in results:
         lines.append(f"{r.group}: drift {r.drift:.3f} log2 over {key} "
                      f"{r.curves[0].value}..{r.curves[-1].value}; slope {r.slope:+.3f} per doubling")
-        for c in r.curves:
+        for c, penalty in zip(r.curves, r.penalties):
             flag = " (edge)" if c.optimum.at_edge else "" if c.optimum.fitted else " (best point)"
+            cost = "outside the swept range" if penalty is None else f"{100 * penalty:+.2f}%"
             lines.append(f"  {key}={c.value}: LR* {c.optimum.x:.4g} (log2 {math.log2(c.optimum.x):+.2f}), "
-                         f"loss {c.optimum.value:.4f}, {min(c.seeds)}+ seeds{flag}")
+                         f"loss {c.optimum.value:.4f}, {min(c.seeds)}+ seeds{flag}; at the proxy's LR* {cost}")
     return "\n".join(lines)
 
 
@@ -141,7 +157,8 @@ def report(sweep_dirs: list[str | Path], key: str, split: str | None, metric: st
         {"group": r.group, "drift_log2": r.drift, "slope_per_doubling": r.slope, "warnings": r.warnings(),
          "curves": [{"value": c.value, "lr_opt": c.optimum.x, "log2_lr_opt": math.log2(c.optimum.x),
                      "loss_opt": c.optimum.value, "fitted": c.optimum.fitted, "at_edge": c.optimum.at_edge,
-                     "lrs": c.lrs, "losses": c.losses, "seeds": c.seeds} for c in r.curves]}
+                     "loss_penalty_at_proxy_lr": penalty, "lrs": c.lrs, "losses": c.losses, "seeds": c.seeds}
+                    for c, penalty in zip(r.curves, r.penalties)]}
         for r in results]}, indent=2))
     text = table(results, key)
     warnings = [w for r in results for w in r.warnings()]
