@@ -309,3 +309,12 @@ def test_regret_compares_the_transferred_run_with_the_best_direct_point(tmp_path
     assert result["regret"] == pytest.approx(0.05 / 2.0, rel=1e-6)
     assert result["direct_best_loss"] == pytest.approx(2.0) and result["direct_sweep_cost_in_target_runs"] == 16
     assert "regret: +2.50%" in text and (transferred / "regret.png").exists()
+    assert result["regret_standard_error"] == pytest.approx(0.0)  # noiseless seeds
+    # Seed noise of 0.02 per run: the spread over 8 LRs x 8 seeds recovers it, and the regret's standard error
+    # is that of a difference of two 8-seed means, std * sqrt(2/8), relative to the best loss (about 0.5%).
+    noisy = synthetic_sweep(tmp_path / "noisy", [(8, 600)], lambda b, s: 2.0 ** -8, seeds=range(8), noise=0.02)
+    once = synthetic_sweep(tmp_path / "once", [(8, 600)], lambda b, s: 2.0 ** -8, seeds=range(8), lrs=[2.0 ** -8])
+    _, result = regret(once, noisy)
+    assert result["direct_seed_std"] == pytest.approx(0.02, rel=0.2)
+    assert result["regret_standard_error"] == pytest.approx(
+        result["direct_seed_std"] * 0.5 / result["direct_best_loss"], rel=1e-6)

@@ -1,11 +1,13 @@
 """End to end: the target trained once with transferred hyperparameters, against the best point of a direct
 LR sweep at the target. Regret is the relative excess of the transferred run's final loss over that best
-point (both averaged over seeds); cost is the proxy sweep's FLOPs as a multiple of one target run."""
+point (both averaged over seeds); cost is the proxy sweep's FLOPs as a multiple of one target run. The seed-to-seed
+spread of the direct points gives the regret's standard error: the noise floor the regret is read against."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -24,20 +26,31 @@ def regret(transferred_dir: str | Path, direct_dir: str | Path, proxy_dirs: list
         raise ConfigError(f"{transferred_dir}: no finished run with {metric}")
     configs = sorted((transferred_dir / "runs").glob("*/config.yaml"))
     target = load_config(configs[0])[0]
-    points = fit_key(collect(direct_dir)[0], "optim.lr", metric).points  # (lr, loss over seeds, seeds)
-    best_lr, best_loss, _ = min(points, key=lambda p: p[1])
+    direct_rows = collect(direct_dir)[0]
+    points = fit_key(direct_rows, "optim.lr", metric).points  # (lr, loss over seeds, seeds)
+    best_lr, best_loss, best_seeds = min(points, key=lambda p: p[1])
     transferred = float(np.mean(losses))
+    by_lr: dict[float, list[float]] = defaultdict(list)
+    for row in direct_rows:
+        if row.get(metric) is not None and math.isfinite(row[metric]):
+            by_lr[float(row["optim.lr"])].append(row[metric])
+    spreads = [float(np.std(v, ddof=1)) for v in by_lr.values() if len(v) > 1]
+    seed_std = float(np.mean(spreads)) if spreads else None
+    regret_se = seed_std * math.sqrt(1 / len(losses) + 1 / best_seeds) / best_loss if seed_std is not None else None
     result = {
         "transferred_lr": target.optim.lr, "transferred_loss": transferred, "transferred_seeds": len(losses),
         "direct_best_lr": best_lr, "direct_best_loss": best_loss,
         "direct_points": [[lr, loss] for lr, loss, _ in points],
         "regret": (transferred - best_loss) / best_loss,
+        "direct_seed_std": seed_std, "regret_standard_error": regret_se,
         "proxy_sweep_cost_in_target_runs": sum(sweep_flops(d) for d in proxy_dirs) / run_flops(target) if proxy_dirs else None,
         "direct_sweep_cost_in_target_runs": sweep_flops(direct_dir) / run_flops(target),
     }
     text = (f"transferred: LR {target.optim.lr:.4g}, final {metric} {transferred:.4f} ({len(losses)} seeds)\n"
             f"direct sweep best: LR {best_lr:.4g}, {metric} {best_loss:.4f}\n"
-            f"regret: {100 * result['regret']:+.2f}% of the best direct point\n"
+            f"regret: {100 * result['regret']:+.2f}% of the best direct point"
+            + (f" (standard error {100 * regret_se:.2f}%: seed-to-seed std {seed_std:.4f} per run)\n"
+               if regret_se is not None else " (one seed per point: no error estimate)\n") +
             f"cost: direct sweep {result['direct_sweep_cost_in_target_runs']:.2f} target runs")
     if proxy_dirs:
         text += f"; proxy sweep {result['proxy_sweep_cost_in_target_runs']:.3f} target runs"
