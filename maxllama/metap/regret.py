@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from maxllama.config import ConfigError, load_config
-from maxllama.metap.transfer import fit_key, run_flops, sweep_flops
+from maxllama.metap.transfer import fit_key, run_flops, sweep_flops, values_by_key
 from maxllama.sweep.report import collect
 
 
@@ -30,11 +29,7 @@ def regret(transferred_dir: str | Path, direct_dir: str | Path, proxy_dirs: list
     points = fit_key(direct_rows, "optim.lr", metric).points  # (lr, loss over seeds, seeds)
     best_lr, best_loss, best_seeds = min(points, key=lambda p: p[1])
     transferred = float(np.mean(losses))
-    by_lr: dict[float, list[float]] = defaultdict(list)
-    for row in direct_rows:
-        if row.get(metric) is not None and math.isfinite(row[metric]):
-            by_lr[float(row["optim.lr"])].append(row[metric])
-    spreads = [float(np.std(v, ddof=1)) for v in by_lr.values() if len(v) > 1]
+    spreads = [float(np.std(v, ddof=1)) for v in values_by_key(direct_rows, "optim.lr", metric).values() if len(v) > 1]
     seed_std = float(np.mean(spreads)) if spreads else None
     regret_se = seed_std * math.sqrt(1 / len(losses) + 1 / best_seeds) / best_loss if seed_std is not None else None
     result = {

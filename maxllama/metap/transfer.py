@@ -55,12 +55,17 @@ class Fit:
         return out
 
 
-def _mean_curve(rows: list[dict], key: str, metric: str) -> list[tuple[float, float, int]]:
+def values_by_key(rows: list[dict], key: str, metric: str) -> dict[float, list[float]]:
+    """The finite values of `metric` per value of `key`: one per seed."""
     by_value: dict[float, list[float]] = defaultdict(list)
     for row in rows:
         if row.get(metric) is not None and math.isfinite(row[metric]):
             by_value[float(row[key])].append(row[metric])
-    return [(x, float(np.mean(v)), len(v)) for x, v in sorted(by_value.items())]
+    return by_value
+
+
+def _mean_curve(rows: list[dict], key: str, metric: str) -> list[tuple[float, float, int]]:
+    return [(x, float(np.mean(v)), len(v)) for x, v in sorted(values_by_key(rows, key, metric).items())]
 
 
 def fit_key(rows: list[dict], key: str, metric: str) -> Fit:
