@@ -185,8 +185,9 @@ def test_coordinate_check_is_flat_under_metap_and_grows_under_sp():
 
 # ---- transfer on synthetic sweeps ----
 
-def synthetic_sweep(tmp_path, budgets, lr_opt, seeds=(0, 1), lrs=None, noise=0.0):
-    """A finished sweep whose final loss is a parabola in log2 LR around lr_opt(batch, steps)."""
+def synthetic_sweep(tmp_path, budgets, lr_opt, seeds=(0, 1), lrs=None, noise=0.0, seed_offset=0.0):
+    """A finished sweep whose final loss is a parabola in log2 LR around lr_opt(batch, steps), plus independent
+    noise per run and a shift of seed_offset x seed that every run of a seed shares (its init and data luck)."""
     proxy, _ = load_config("experiments/metap/proxy.yaml")
     lrs = lrs or [2.0 ** k for k in range(-11, -3)]
     rng = np.random.default_rng(0)
@@ -198,7 +199,8 @@ def synthetic_sweep(tmp_path, budgets, lr_opt, seeds=(0, 1), lrs=None, noise=0.0
                 if len(budgets) > 1:
                     overrides |= {"train.batch_size": batch, "train.steps": steps}
                 name = f"b{batch}_s{steps}_lr{lr:g}_seed{seed}"
-                loss = 2.0 + 0.05 * (math.log2(lr) - math.log2(lr_opt(batch, steps))) ** 2 + noise * rng.normal()
+                loss = (2.0 + 0.05 * (math.log2(lr) - math.log2(lr_opt(batch, steps))) ** 2 + noise * rng.normal()
+                        + seed_offset * seed)
                 d = tmp_path / "runs" / name
                 d.mkdir(parents=True)
                 (d / "metrics.jsonl").write_text(json.dumps({"step": steps, "loss": loss, "val_loss": loss}) + "\n")
@@ -312,9 +314,24 @@ def test_regret_compares_the_transferred_run_with_the_best_direct_point(tmp_path
     assert result["regret_standard_error"] == pytest.approx(0.0)  # noiseless seeds
     # Seed noise of 0.02 per run: the spread over 8 LRs x 8 seeds recovers it, and the regret's standard error
     # is that of a difference of two 8-seed means, std * sqrt(2/8), relative to the best loss (about 0.5%).
+    # The transferred runs use other seeds here, so nothing pairs them with the direct ones.
     noisy = synthetic_sweep(tmp_path / "noisy", [(8, 600)], lambda b, s: 2.0 ** -8, seeds=range(8), noise=0.02)
-    once = synthetic_sweep(tmp_path / "once", [(8, 600)], lambda b, s: 2.0 ** -8, seeds=range(8), lrs=[2.0 ** -8])
+    once = synthetic_sweep(tmp_path / "once", [(8, 600)], lambda b, s: 2.0 ** -8, seeds=range(8, 16), lrs=[2.0 ** -8])
     _, result = regret(once, noisy)
-    assert result["direct_seed_std"] == pytest.approx(0.02, rel=0.2)
+    assert result["direct_seed_std"] == pytest.approx(0.02, rel=0.2) and result["paired_seeds"] == 0
     assert result["regret_standard_error"] == pytest.approx(
         result["direct_seed_std"] * 0.5 / result["direct_best_loss"], rel=1e-6)
+
+
+def test_regret_pairs_seeds_so_a_seeds_luck_cancels(tmp_path):
+    """Each seed shifts all its runs by 0.03 x seed: a large spread between seeds, none between a seed's
+    transferred run and its run at the best direct LR, so the paired standard error is zero."""
+    from maxllama.metap.regret import regret
+    kwargs = dict(seeds=range(4), seed_offset=0.03)
+    direct = synthetic_sweep(tmp_path / "direct", [(8, 600)], lambda b, s: 2.0 ** -8, **kwargs)
+    transferred = synthetic_sweep(tmp_path / "transferred", [(8, 600)], lambda b, s: 2.0 ** -8, lrs=[2.0 ** -8],
+                                  **kwargs)
+    text, result = regret(transferred, direct)
+    assert result["direct_seed_std"] == pytest.approx(0.03 * np.std(range(4), ddof=1), rel=1e-6)
+    assert result["paired_seeds"] == 4 and result["regret"] == pytest.approx(0.0, abs=1e-9)
+    assert result["regret_standard_error"] == pytest.approx(0.0, abs=1e-9) and "4 paired seeds" in text

@@ -1,7 +1,9 @@
 """End to end: the target trained once with transferred hyperparameters, against the best point of a direct
 LR sweep at the target. Regret is the relative excess of the transferred run's final loss over that best
-point (both averaged over seeds); cost is the proxy sweep's FLOPs as a multiple of one target run. The seed-to-seed
-spread of the direct points gives the regret's standard error: the noise floor the regret is read against."""
+point (both averaged over seeds); cost is the proxy sweep's FLOPs as a multiple of one target run. The regret's
+standard error is the noise floor it is read against. When the transferred runs and the best direct point share
+seeds (same init and data order), it comes from the per-seed differences: a seed's luck shifts both runs alike
+and cancels. Otherwise it comes from the direct points' seed-to-seed spread."""
 
 from __future__ import annotations
 
@@ -32,19 +34,22 @@ def regret(transferred_dir: str | Path, direct_dir: str | Path, proxy_dirs: list
     spreads = [float(np.std(v, ddof=1)) for v in values_by_key(direct_rows, "optim.lr", metric).values() if len(v) > 1]
     seed_std = float(np.mean(spreads)) if spreads else None
     regret_se = seed_std * math.sqrt(1 / len(losses) + 1 / best_seeds) / best_loss if seed_std is not None else None
+    paired = _paired_differences(rows, [r for r in direct_rows if r.get("optim.lr") == best_lr], metric)
+    if len(paired) >= 2:
+        regret_se = float(np.std(paired, ddof=1)) / math.sqrt(len(paired)) / best_loss
     result = {
         "transferred_lr": target.optim.lr, "transferred_loss": transferred, "transferred_seeds": len(losses),
         "direct_best_lr": best_lr, "direct_best_loss": best_loss,
         "direct_points": [[lr, loss] for lr, loss, _ in points],
         "regret": (transferred - best_loss) / best_loss,
-        "direct_seed_std": seed_std, "regret_standard_error": regret_se,
+        "direct_seed_std": seed_std, "regret_standard_error": regret_se, "paired_seeds": len(paired),
         "proxy_sweep_cost_in_target_runs": sum(sweep_flops(d) for d in proxy_dirs) / run_flops(target) if proxy_dirs else None,
         "direct_sweep_cost_in_target_runs": sweep_flops(direct_dir) / run_flops(target),
     }
     text = (f"transferred: LR {target.optim.lr:.4g}, final {metric} {transferred:.4f} ({len(losses)} seeds)\n"
             f"direct sweep best: LR {best_lr:.4g}, {metric} {best_loss:.4f}\n"
             f"regret: {100 * result['regret']:+.2f}% of the best direct point"
-            + (f" (standard error {100 * regret_se:.2f}%: seed-to-seed std {seed_std:.4f} per run)\n"
+            + (f" (standard error {100 * regret_se:.2f}%, {_se_source(len(paired), seed_std)})\n"
                if regret_se is not None else " (one seed per point: no error estimate)\n") +
             f"cost: direct sweep {result['direct_sweep_cost_in_target_runs']:.2f} target runs")
     if proxy_dirs:
@@ -52,6 +57,20 @@ def regret(transferred_dir: str | Path, direct_dir: str | Path, proxy_dirs: list
     plot(result, transferred_dir / "regret.png")
     (transferred_dir / "regret.json").write_text(json.dumps(result, indent=2))
     return text + f"\nplot: {transferred_dir / 'regret.png'}", result
+
+
+def _paired_differences(transferred: list[dict], best: list[dict], metric: str) -> list[float]:
+    """Transferred minus best direct loss for every seed both have."""
+    def by_seed(rows):
+        return {r.get("seed"): r[metric] for r in rows if r.get(metric) is not None and math.isfinite(r[metric])}
+    a, b = by_seed(transferred), by_seed(best)
+    return [a[s] - b[s] for s in sorted(set(a) & set(b), key=str) if s is not None]
+
+
+def _se_source(paired: int, seed_std: float | None) -> str:
+    if paired >= 2:
+        return f"from {paired} paired seeds"
+    return f"seed-to-seed std {seed_std:.4f} per run"
 
 
 def plot(result: dict, path: Path) -> None:
