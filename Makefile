@@ -58,8 +58,9 @@ metap-coord: $(STAMP)  ## coordinate check: widths 32..512 and depths 2..32, Met
 
 metap-width: $(STAMP)  ## optimal-LR drift over 16x width, MetaP vs standard
 	$(SWEEP) experiments/metap/width.yaml
+	$(SWEEP) experiments/metap/width_seeds.yaml
 	$(SWEEP) experiments/metap/width_sp.yaml
-	$(ML) metap drift runs/sweeps/width runs/sweeps/width_sp --key model.d_model --split metap.parametrization
+	$(ML) metap drift runs/sweeps/width runs/sweeps/width_seeds runs/sweeps/width_sp --key model.d_model --split metap.parametrization
 
 metap-depth: $(STAMP)  ## optimal-LR drift over 8x depth: alpha 1 and 0.5 vs standard
 	$(SWEEP) experiments/metap/depth.yaml
