@@ -335,3 +335,29 @@ def test_regret_pairs_seeds_so_a_seeds_luck_cancels(tmp_path):
     assert result["direct_seed_std"] == pytest.approx(0.03 * np.std(range(4), ddof=1), rel=1e-6)
     assert result["paired_seeds"] == 4 and result["regret"] == pytest.approx(0.0, abs=1e-9)
     assert result["regret_standard_error"] == pytest.approx(0.0, abs=1e-9) and "4 paired seeds" in text
+
+
+def test_transfer_fits_the_lr_and_a_per_group_constant_together(tmp_path):
+    """A grid over the LR and the readout's LR multiplier, loss a bowl around (2^-8, 8): each is fitted at the
+    best value of the other, and both go into the target's config."""
+    from maxllama.metap.transfer import transfer
+    proxy, _ = load_config("experiments/metap/proxy.yaml")
+    runs = {}
+    for lr in [2.0 ** k for k in range(-11, -5)]:
+        for c_out in [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]:
+            for seed in (0, 1):
+                name = f"lr{lr:g}_out{c_out:g}_s{seed}"
+                loss = 2.0 + 0.05 * (math.log2(lr) + 8) ** 2 + 0.02 * (math.log2(c_out) - 3.3) ** 2
+                (tmp_path / "runs" / name).mkdir(parents=True)
+                (tmp_path / "runs" / name / "metrics.jsonl").write_text(json.dumps({"step": 600, "val_loss": loss}))
+                (tmp_path / "runs" / name / "config.yaml").write_text(dump_config(proxy))
+                runs[name] = {"overrides": {"optim.lr": lr, "metap.lr_readout": c_out, "seed": seed}, "status": "done"}
+    (tmp_path / "sweep.json").write_text(json.dumps({"swept": ["optim.lr", "metap.lr_readout", "seed"], "runs": runs}))
+    result = transfer(tmp_path)
+    assert math.log2(result.fits["optim.lr"].optimum) == pytest.approx(-8.0, abs=1e-6)
+    # The grid's best c_out is 8 (log2 3 against the true 3.3); the parabola through 4, 8, 16 is exact.
+    assert math.log2(result.fits["metap.lr_readout"].optimum) == pytest.approx(3.3, abs=1e-6)
+    config = result.config()
+    assert config["optim.lr"] == pytest.approx(2.0 ** -8, rel=1e-5)
+    assert config["metap.lr_readout"] == pytest.approx(2.0 ** 3.3, rel=1e-5)
+    assert not result.warnings
