@@ -33,10 +33,13 @@ def regret(transferred_dir: str | Path, direct_dir: str | Path, proxy_dirs: list
     transferred = float(np.mean(losses))
     spreads = [float(np.std(v, ddof=1)) for v in values_by_key(direct_rows, "optim.lr", metric).values() if len(v) > 1]
     seed_std = float(np.mean(spreads)) if spreads else None
-    regret_se = seed_std * math.sqrt(1 / len(losses) + 1 / best_seeds) / best_loss if seed_std is not None else None
     paired = _paired_differences(rows, [r for r in direct_rows if r.get("optim.lr") == best_lr], metric)
     if len(paired) >= 2:
         regret_se = float(np.std(paired, ddof=1)) / math.sqrt(len(paired)) / best_loss
+    elif seed_std is not None:
+        regret_se = seed_std * math.sqrt(1 / len(losses) + 1 / best_seeds) / best_loss
+    else:
+        regret_se = None
     result = {
         "transferred_lr": target.optim.lr, "transferred_loss": transferred, "transferred_seeds": len(losses),
         "direct_best_lr": best_lr, "direct_best_loss": best_loss,
@@ -61,10 +64,8 @@ def regret(transferred_dir: str | Path, direct_dir: str | Path, proxy_dirs: list
 
 def _paired_differences(transferred: list[dict], best: list[dict], metric: str) -> list[float]:
     """Transferred minus best direct loss for every seed both have."""
-    def by_seed(rows):
-        return {r.get("seed"): r[metric] for r in rows if r.get(metric) is not None and math.isfinite(r[metric])}
-    a, b = by_seed(transferred), by_seed(best)
-    return [a[s] - b[s] for s in sorted(set(a) & set(b), key=str) if s is not None]
+    a, b = (values_by_key([r for r in rows if "seed" in r], "seed", metric) for rows in (transferred, best))
+    return [float(np.mean(a[s]) - np.mean(b[s])) for s in sorted(a.keys() & b.keys())]
 
 
 def _se_source(paired: int, seed_std: float | None) -> str:
