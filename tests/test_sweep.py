@@ -137,6 +137,22 @@ def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(ran_sweep):
     assert [json.loads(line)["step"] for line in (partial / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
 
 
+def test_a_run_trained_with_other_settings_is_neither_counted_nor_resumed(ran_sweep):
+    import yaml
+    from maxllama.sweep.executors import finished
+    sweep_file, out, _ = ran_sweep
+    spec = yaml.safe_load(sweep_file.read_text())
+    spec["overrides"]["optim.weight_decay"] = 0.5  # the sweep file changed after its runs were trained
+    changed = sweep_file.with_name("changed.yaml")
+    changed.write_text(yaml.safe_dump(spec))
+    sweep = load_sweep(changed)
+    done = next(r for r in sweep.runs if "stdlib" in r.name)
+    with pytest.raises(ConfigError, match=r"optim.weight_decay: .* -> 0.5.*new --dir"):
+        finished(sweep, out, done)
+    original = load_sweep(sweep_file)
+    assert finished(original, out, next(r for r in original.runs if r.name == done.name))  # unchanged: counted
+
+
 def test_slurm_dry_run_prints_a_job_array(tmp_path):
     sweep_file = write_sweep(tmp_path, """\
         base: base.yaml

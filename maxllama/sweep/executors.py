@@ -16,7 +16,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from maxllama.config import load_config
+from maxllama.config import ConfigError, load_config
+from maxllama.config.loader import flatten
 from maxllama.sweep.spec import Run, Sweep
 
 MANIFEST = "sweep.json"
@@ -26,12 +27,32 @@ def run_dir(sweep_dir: Path, run: Run) -> Path:
     return sweep_dir / "runs" / run.name
 
 
+def run_overrides(sweep_dir: Path, run: Run) -> list[str]:
+    return [*run.args(), f"run.dir={run_dir(sweep_dir, run)}", f"run.name={run.name}", "logging.progress=false"]
+
+
 def train_command(sweep: Sweep, sweep_dir: Path, run: Run) -> list[str]:
-    return [sys.executable, "-m", "maxllama", "train", str(sweep.base), *run.args(),
-            f"run.dir={run_dir(sweep_dir, run)}", f"run.name={run.name}", "logging.progress=false"]
+    return [sys.executable, "-m", "maxllama", "train", str(sweep.base), *run_overrides(sweep_dir, run)]
+
+
+def check_unchanged(sweep: Sweep, sweep_dir: Path, run: Run) -> None:
+    """A run directory trained from other settings (the sweep file or its base changed since) must be neither
+    counted as this run nor resumed as it: its results would silently mix into the sweep's curves."""
+    saved = run_dir(sweep_dir, run) / "config.yaml"
+    if not saved.exists():
+        return
+    now = flatten(load_config(sweep.base, run_overrides(sweep_dir, run))[0].model_dump())
+    then = flatten(load_config(saved)[0].model_dump())
+    changed = [f"{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in sorted(now.keys() | then.keys())
+               if now.get(key) != then.get(key)]
+    if changed:
+        raise ConfigError(f"{saved.parent}: this run was trained with other settings than the sweep now gives it "
+                          f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}). Move the run directory "
+                          f"away to re-run it, or run the sweep into a new --dir")
 
 
 def finished(sweep: Sweep, sweep_dir: Path, run: Run) -> bool:
+    check_unchanged(sweep, sweep_dir, run)
     metrics = run_dir(sweep_dir, run) / "metrics.jsonl"
     if not metrics.exists():
         return False
