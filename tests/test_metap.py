@@ -274,14 +274,15 @@ def test_metap_show_prints_every_group():
 
 
 def test_drift_measures_how_far_the_optimum_moves(tmp_path):
-    """SP-like curves whose optimum halves per doubling of width, MetaP-like ones whose optimum stays put."""
+    """SP-like curves whose optimum halves per doubling of width, MetaP-like ones whose optimum stays put (its two
+    seeds' optima an octave apart: the mean curve does not move, but seed resamples of it do)."""
     from maxllama.metap.drift import report
     runs = {}
     for param, shift in (("standard", -1.0), ("metap", 0.0)):
         for d in (32, 64, 128):
             for lr in [2.0 ** k for k in range(-12, -2)]:
                 for seed in (0, 1):
-                    opt = math.log2(4e-3) + shift * math.log2(d / 32)
+                    opt = math.log2(4e-3) + shift * math.log2(d / 32) + (seed - 0.5 if param == "metap" else 0.0)
                     loss = 2.0 + 0.04 * (math.log2(lr) - opt) ** 2
                     name = f"{param}_d{d}_lr{lr:g}_s{seed}"
                     (tmp_path / "runs" / name).mkdir(parents=True)
@@ -296,6 +297,11 @@ def test_drift_measures_how_far_the_optimum_moves(tmp_path):
     assert groups["metap.parametrization=standard"]["drift_log2"] == pytest.approx(2.0, abs=0.02)
     assert groups["metap.parametrization=standard"]["slope_per_doubling"] == pytest.approx(-1.0, abs=0.02)
     assert png.exists() and "drift 2.000 log2" in text
+    # Resampling seeds: a width that draws seed 0 twice has its optimum half an octave low, one that draws seed 1
+    # twice half an octave high; drift 1 needs both among the three widths (P = 1 - 2 (3/4)^3 + (1/2)^3 = 0.28).
+    low, high = groups["metap.parametrization=metap"]["drift_log2_seed_resamples_16_84"]
+    assert low <= 0.5 + 1e-6 and high == pytest.approx(1.0, abs=1e-6)
+    assert groups["metap.parametrization=standard"]["drift_log2_seed_resamples_16_84"] == pytest.approx([2.0, 2.0], abs=0.02)
     # At the proxy's LR* the standard curve 4x wider is 2 octaves off its optimum: 0.04 * 2^2 / 2.0 = 8% worse
     # (a little more: interpolated between grid points); the MetaP curves lose nothing.
     assert groups["metap.parametrization=standard"]["curves"][-1]["loss_penalty_at_proxy_lr"] == pytest.approx(0.08, abs=0.003)

@@ -4,7 +4,9 @@ For every curve of a sweep (one value of the scaled key, e.g. model.d_model, wit
 the seed-averaged final loss against log2(LR) gets a parabola through its best point and neighbours; the drift of a
 parametrization is the spread (max - min) of its fitted log2 optima over the axis, and the per-step slope
 says which way it moves. What the drift costs: each curve's loss at the first curve's (the proxy's) optimal LR,
-relative to its own optimum. Writes a plot (one panel per parametrization), drift.json and a table.
+relative to its own optimum. How much of the drift is seed noise: the drift refitted on seeds resampled with
+replacement, curve by curve (a seed keeps its whole LR curve: its luck is shared across LRs). Writes a plot (one
+panel per parametrization), drift.json and a table.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Curve:
     losses: list[float]  # averaged over seeds
     seeds: list[int]  # seeds per point
     optimum: Optimum
+    by_seed: dict[Any, dict[float, float]]  # seed -> {lr: loss}
 
 
 @dataclasses.dataclass
@@ -66,6 +69,24 @@ class Drift:
             out.append(at(x) / at(math.log2(c.optimum.x)) - 1 if inside else None)
         return out
 
+    def bootstrap(self, samples: int = 1000, seed: int = 0) -> tuple[float, float] | None:
+        """The 16th and 84th percentiles of the drift over seed resamples; None with one seed per curve."""
+        if min(len(c.by_seed) for c in self.curves) < 2:
+            return None
+        rng = np.random.default_rng(seed)
+        drifts = []
+        for _ in range(samples):
+            optima = []
+            for c in self.curves:
+                runs = list(c.by_seed.values())
+                picked = [runs[i] for i in rng.integers(len(runs), size=len(runs))]
+                lrs = [lr for lr in c.lrs if any(lr in run for run in picked)]
+                losses = [float(np.mean([run[lr] for run in picked if lr in run])) for lr in lrs]
+                optima.append(math.log2(fit_optimum(lrs, losses).x))
+            drifts.append(max(optima) - min(optima))
+        low, high = np.percentile(drifts, [16, 84])
+        return float(low), float(high)
+
     def warnings(self) -> list[str]:
         out = []
         for c in self.curves:
@@ -89,20 +110,23 @@ def drifts(sweep_dirs: list[Path], key: str, split: str | None, metric: str = "f
     for needed in (LR, key, *split_keys):
         if needed not in swept:
             raise ConfigError(f"{sweep_dir}: '{needed}' is not swept (swept: {', '.join(sorted(swept))})")
-    points: dict[Any, dict[Any, dict[float, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    for row in rows:
+    # group -> scaled value -> seed -> {lr: loss}
+    points: dict[Any, dict[Any, dict[Any, dict[float, float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+    for n, row in enumerate(rows):
         value = row.get(metric)
         if value is None or not math.isfinite(value):
             continue
         group = ", ".join(f"{k}={row.get(k)}" for k in split_keys) or "all"
-        points[group][row[key]][float(row[LR])].append(value)
+        points[group][row[key]][row.get("seed", f"run {n}")][float(row[LR])] = value
     out = []
     for group, by_value in points.items():
         curves = []
         for value in sorted(by_value, key=float):
-            lrs = sorted(by_value[value])
-            losses = [float(np.mean(by_value[value][lr])) for lr in lrs]
-            curves.append(Curve(value, lrs, losses, [len(by_value[value][lr]) for lr in lrs], fit_optimum(lrs, losses)))
+            by_seed = by_value[value]
+            lrs = sorted({lr for run in by_seed.values() for lr in run})
+            per_lr = [[run[lr] for run in by_seed.values() if lr in run] for lr in lrs]
+            losses = [float(np.mean(v)) for v in per_lr]
+            curves.append(Curve(value, lrs, losses, [len(v) for v in per_lr], fit_optimum(lrs, losses), dict(by_seed)))
         out.append(Drift(group, curves))
     return out
 
@@ -134,7 +158,9 @@ def plot(results: list[Drift], key: str, path: Path) -> None:
 def table(results: list[Drift], key: str) -> str:
     lines = []
     for r in results:
-        lines.append(f"{r.group}: drift {r.drift:.3f} log2 over {key} "
+        spread = r.bootstrap()
+        noise = "" if spread is None else f" (seed resamples: {spread[0]:.2f} to {spread[1]:.2f})"
+        lines.append(f"{r.group}: drift {r.drift:.3f} log2{noise} over {key} "
                      f"{r.curves[0].value}..{r.curves[-1].value}; slope {r.slope:+.3f} per doubling")
         for c, penalty in zip(r.curves, r.penalties):
             flag = " (edge)" if c.optimum.at_edge else "" if c.optimum.fitted else " (best point)"
@@ -154,7 +180,8 @@ def report(sweep_dirs: list[str | Path], key: str, split: str | None, metric: st
     png, js = sweep_dirs[0] / "drift.png", sweep_dirs[0] / "drift.json"
     plot(results, key, png)
     js.write_text(json.dumps({"key": key, "split": split, "metric": metric, "groups": [
-        {"group": r.group, "drift_log2": r.drift, "slope_per_doubling": r.slope, "warnings": r.warnings(),
+        {"group": r.group, "drift_log2": r.drift, "drift_log2_seed_resamples_16_84": r.bootstrap(),
+         "slope_per_doubling": r.slope, "warnings": r.warnings(),
          "curves": [{"value": c.value, "lr_opt": c.optimum.x, "log2_lr_opt": math.log2(c.optimum.x),
                      "loss_opt": c.optimum.value, "fitted": c.optimum.fitted, "at_edge": c.optimum.at_edge,
                      "loss_penalty_at_proxy_lr": penalty, "lrs": c.lrs, "losses": c.losses, "seeds": c.seeds}
