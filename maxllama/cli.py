@@ -393,7 +393,7 @@ def cmd_metap_transfer(ns: argparse.Namespace) -> int:
 
 def cmd_metap_drift(ns: argparse.Namespace) -> int:
     from maxllama.metap.drift import report
-    text, png, js = report(ns.sweep_dirs, ns.key, ns.split, ns.metric)
+    text, png, js = report(ns.sweep_dirs, ns.key, ns.split, ns.metric, ns.hparam)
     print(text)
     print(f"plot: {png}\ntable: {js}")
     return 0
@@ -576,11 +576,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     dr = metap_commands.add_parser(
         "drift", help="how far the optimal LR moves along a scaled key of a sweep (per parametrization)",
-        description="For each value of KEY (e.g. model.d_model) fit the optimal LR (parabola in log2, seeds "
-                    "averaged) and report the spread of log2 LR* per parametrization; writes drift.png and drift.json.")
+        description="For each value of KEY (e.g. model.d_model) fit the optimal LR, or another swept HPARAM "
+                    "(parabola in log2, seeds averaged), and report the spread of its log2 optimum per "
+                    "parametrization; writes drift.png and drift.json.")
     dr.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR", help="one or more sweeps, pooled")
     dr.add_argument("--key", required=True, help="the scaled key, e.g. model.d_model, model.n_layers, model.n_experts")
     dr.add_argument("--split", default=None, help="one panel per value of this swept key (e.g. metap.parametrization)")
+    dr.add_argument("--hparam", default="optim.lr",
+                    help="the swept hyperparameter whose optimum is tracked (default optim.lr; e.g. metap.lr_readout)")
     dr.add_argument("--metric", default="final_val_loss")
     dr.set_defaults(func=cmd_metap_drift)
     rg = metap_commands.add_parser(

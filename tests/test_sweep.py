@@ -1,4 +1,5 @@
 import json
+import shutil
 import math
 import subprocess
 import sys
@@ -127,7 +128,6 @@ def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(ran_sweep):
     stamp = (untouched / "metrics.jsonl").stat().st_mtime
     lines = (partial / "metrics.jsonl").read_text().splitlines()
     (partial / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")  # as if it died after step 3...
-    import shutil
     shutil.rmtree(partial / "checkpoints" / "6")  # ...having saved step 3 only
     result = subprocess.run([sys.executable, "-m", "maxllama", "sweep", "run", str(sweep_file), "--dir", str(out),
                              "--quiet"], capture_output=True, text=True, timeout=900)
@@ -151,6 +151,9 @@ def test_a_run_trained_with_other_settings_is_neither_counted_nor_resumed(ran_sw
         finished(sweep, out, done)
     original = load_sweep(sweep_file)
     assert finished(original, out, next(r for r in original.runs if r.name == done.name))  # unchanged: counted
+    moved = out.with_name("moved")
+    shutil.copytree(out, moved)
+    assert finished(original, moved, next(r for r in original.runs if r.name == done.name))  # a moved sweep too
 
 
 def test_slurm_dry_run_prints_a_job_array(tmp_path):

@@ -1,10 +1,11 @@
-"""How far the optimal learning rate moves along a scaling axis: the measure of transfer.
+"""How far the optimal learning rate (or any swept hyperparameter: a per-group LR multiplier, an init std) moves
+along a scaling axis: the measure of transfer.
 
 For every curve of a sweep (one value of the scaled key, e.g. model.d_model, within one parametrization),
-the seed-averaged final loss against log2(LR) gets a parabola through its best point and neighbours; the drift of a
-parametrization is the spread (max - min) of its fitted log2 optima over the axis, and the per-step slope
-says which way it moves. What the drift costs: each curve's loss at the first curve's (the proxy's) optimal LR,
-relative to its own optimum. How much of the drift is seed noise: the drift refitted on seeds resampled with
+the seed-averaged final loss against log2(hyperparameter) gets a parabola through its best point and neighbours;
+the drift of a parametrization is the spread (max - min) of its fitted log2 optima over the axis, and the per-step
+slope says which way it moves. What the drift costs: each curve's loss at the first curve's (the proxy's)
+optimum, relative to its own optimum. How much of the drift is seed noise: the drift refitted on seeds resampled with
 replacement, curve by curve (a seed keeps its whole LR curve: its luck is shared across LRs). Writes a plot (one
 panel per parametrization), drift.json and a table.
 """
@@ -23,13 +24,10 @@ import numpy as np
 from maxllama.config import ConfigError
 from maxllama.sweep.report import Optimum, collect, fit_optimum
 
-LR = "optim.lr"
-
-
 @dataclasses.dataclass
 class Curve:
     value: Any  # the scaled key's value
-    lrs: list[float]
+    lrs: list[float]  # the swept hyperparameter's values (learning rates unless --hparam says otherwise)
     losses: list[float]  # averaged over seeds
     seeds: list[int]  # seeds per point
     optimum: Optimum
@@ -40,6 +38,7 @@ class Curve:
 class Drift:
     group: str  # e.g. 'metap.parametrization=metap'
     curves: list[Curve]
+    hparam: str = "optim.lr"
 
     @property
     def log2_optima(self) -> list[float]:
@@ -51,15 +50,15 @@ class Drift:
 
     @property
     def slope(self) -> float:
-        """Fitted change of log2 LR* per doubling of the scaled key."""
+        """Fitted change of the log2 optimum per doubling of the scaled key."""
         x = np.log2([float(c.value) for c in self.curves])
         return float(np.polyfit(x, self.log2_optima, 1)[0]) if len(x) > 1 else 0.0
 
     @property
     def penalties(self) -> list[float | None]:
-        """Each curve's loss at the proxy's LR* over its loss at its own LR*, minus 1: what training it with the
-        proxy's LR costs. Both are interpolated in log2 LR between measured points, so the proxy's own curve costs
-        0; None outside the curve's swept range."""
+        """Each curve's loss at the proxy's optimum over its loss at its own optimum, minus 1: what training it with
+        the proxy's value costs. Both are interpolated in log2 between measured points, so the proxy's own curve
+        costs 0; None outside the curve's swept range."""
         x = math.log2(self.curves[0].optimum.x)
         out = []
         for c in self.curves:
@@ -91,13 +90,14 @@ class Drift:
         out = []
         for c in self.curves:
             if c.optimum.at_edge:
-                out.append(f"{self.group}, {c.value}: optimum at the edge of the LR range")
+                out.append(f"{self.group}, {c.value}: optimum at the edge of the {self.hparam} range")
             if not c.optimum.fitted:
                 out.append(f"{self.group}, {c.value}: no curvature; best point used")
         return out
 
 
-def drifts(sweep_dirs: list[Path], key: str, split: str | None, metric: str = "final_val_loss") -> list[Drift]:
+def drifts(sweep_dirs: list[Path], key: str, split: str | None, metric: str = "final_val_loss",
+           hparam: str = "optim.lr") -> list[Drift]:
     """Runs of one or more sweeps; `split`: comma-separated swept keys, one group (one drift) per combination
     of their values."""
     rows, swept = [], set()
@@ -107,7 +107,7 @@ def drifts(sweep_dirs: list[Path], key: str, split: str | None, metric: str = "f
         swept.update(keys)
     sweep_dir = ", ".join(map(str, sweep_dirs))
     split_keys = [k for k in (split or "").split(",") if k]
-    for needed in (LR, key, *split_keys):
+    for needed in (hparam, key, *split_keys):
         if needed not in swept:
             raise ConfigError(f"{sweep_dir}: '{needed}' is not swept (swept: {', '.join(sorted(swept))})")
     # group -> scaled value -> seed -> {lr: loss}
@@ -117,7 +117,7 @@ def drifts(sweep_dirs: list[Path], key: str, split: str | None, metric: str = "f
         if value is None or not math.isfinite(value):
             continue
         group = ", ".join(f"{k}={row.get(k)}" for k in split_keys) or "all"
-        points[group][row[key]][row.get("seed", f"run {n}")][float(row[LR])] = value
+        points[group][row[key]][row.get("seed", f"run {n}")][float(row[hparam])] = value
     out = []
     for group, by_value in points.items():
         curves = []
@@ -127,7 +127,7 @@ def drifts(sweep_dirs: list[Path], key: str, split: str | None, metric: str = "f
             per_lr = [[run[lr] for run in by_seed.values() if lr in run] for lr in lrs]
             losses = [float(np.mean(v)) for v in per_lr]
             curves.append(Curve(value, lrs, losses, [len(v) for v in per_lr], fit_optimum(lrs, losses), dict(by_seed)))
-        out.append(Drift(group, curves))
+        out.append(Drift(group, curves, hparam))
     return out
 
 
@@ -144,7 +144,7 @@ def plot(results: list[Drift], key: str, path: Path) -> None:
             ax.plot([math.log2(c.optimum.x)], [c.optimum.value], "*", color=color, markersize=13,
                     markeredgecolor="black")
         ax.set_title(f"{result.group}: drift {result.drift:.2f} log2 ({result.slope:+.2f} per doubling)")
-        ax.set_xlabel("log2 learning rate")
+        ax.set_xlabel(f"log2 {result.hparam}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("final validation loss (mean over seeds)")
@@ -165,21 +165,21 @@ def table(results: list[Drift], key: str) -> str:
         for c, penalty in zip(r.curves, r.penalties):
             flag = " (edge)" if c.optimum.at_edge else "" if c.optimum.fitted else " (best point)"
             cost = "outside the swept range" if penalty is None else f"{100 * penalty:+.2f}%"
-            lines.append(f"  {key}={c.value}: LR* {c.optimum.x:.4g} (log2 {math.log2(c.optimum.x):+.2f}), "
-                         f"loss {c.optimum.value:.4f}, {min(c.seeds)}+ seeds{flag}; at the proxy's LR* {cost}")
+            lines.append(f"  {key}={c.value}: {r.hparam}* {c.optimum.x:.4g} (log2 {math.log2(c.optimum.x):+.2f}), "
+                         f"loss {c.optimum.value:.4f}, {min(c.seeds)}+ seeds{flag}; at the proxy's optimum {cost}")
     return "\n".join(lines)
 
 
-def report(sweep_dirs: list[str | Path], key: str, split: str | None, metric: str = "final_val_loss"
-           ) -> tuple[str, Path, Path]:
+def report(sweep_dirs: list[str | Path], key: str, split: str | None, metric: str = "final_val_loss",
+           hparam: str = "optim.lr") -> tuple[str, Path, Path]:
     """Writes drift.png and drift.json into the first sweep directory."""
     sweep_dirs = [Path(d) for d in sweep_dirs]
-    results = drifts(sweep_dirs, key, split, metric)
+    results = drifts(sweep_dirs, key, split, metric, hparam)
     if not results:
         raise ConfigError(f"{sweep_dirs[0]}: no finished runs with {metric}; run the sweep first")
     png, js = sweep_dirs[0] / "drift.png", sweep_dirs[0] / "drift.json"
     plot(results, key, png)
-    js.write_text(json.dumps({"key": key, "split": split, "metric": metric, "groups": [
+    js.write_text(json.dumps({"key": key, "hparam": hparam, "split": split, "metric": metric, "groups": [
         {"group": r.group, "drift_log2": r.drift, "drift_log2_seed_resamples_16_84": r.bootstrap(),
          "slope_per_doubling": r.slope, "warnings": r.warnings(),
          "curves": [{"value": c.value, "lr_opt": c.optimum.x, "log2_lr_opt": math.log2(c.optimum.x),

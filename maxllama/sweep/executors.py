@@ -37,14 +37,15 @@ def train_command(sweep: Sweep, sweep_dir: Path, run: Run) -> list[str]:
 
 def check_unchanged(sweep: Sweep, sweep_dir: Path, run: Run) -> None:
     """A run directory trained from other settings (the sweep file or its base changed since) must be neither
-    counted as this run nor resumed as it: its results would silently mix into the sweep's curves."""
+    counted as this run nor resumed as it: its results would silently mix into the sweep's curves. `run.*` is
+    where a run was written, not how it was trained: a sweep directory may be moved or renamed."""
     saved = run_dir(sweep_dir, run) / "config.yaml"
     if not saved.exists():
         return
     now = flatten(load_config(sweep.base, run_overrides(sweep_dir, run))[0].model_dump())
     then = flatten(load_config(saved)[0].model_dump())
     changed = [f"{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in sorted(now.keys() | then.keys())
-               if now.get(key) != then.get(key)]
+               if now.get(key) != then.get(key) and not key.startswith("run.")]
     if changed:
         raise ConfigError(f"{saved.parent}: this run was trained with other settings than the sweep now gives it "
                           f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}). Move the run directory "
