@@ -273,7 +273,8 @@ def test_metap_show_prints_every_group():
     assert "output 0.25" in result.stdout and "lm_head" in result.stdout
 
 
-def test_drift_measures_how_far_the_optimum_moves(tmp_path):
+@pytest.mark.parametrize("hparam", ["optim.lr", "metap.lr_readout"])
+def test_drift_measures_how_far_the_optimum_moves(tmp_path, hparam):
     """SP-like curves whose optimum halves per doubling of width, MetaP-like ones whose optimum stays put (its two
     seeds' optima an octave apart: the mean curve does not move, but seed resamples of it do)."""
     from maxllama.metap.drift import report
@@ -287,11 +288,12 @@ def test_drift_measures_how_far_the_optimum_moves(tmp_path):
                     name = f"{param}_d{d}_lr{lr:g}_s{seed}"
                     (tmp_path / "runs" / name).mkdir(parents=True)
                     (tmp_path / "runs" / name / "metrics.jsonl").write_text(json.dumps({"step": 1, "val_loss": loss}))
-                    runs[name] = {"overrides": {"metap.parametrization": param, "model.d_model": d, "optim.lr": lr,
+                    runs[name] = {"overrides": {"metap.parametrization": param, "model.d_model": d, hparam: lr,
                                                 "seed": seed}, "status": "done"}
-    (tmp_path / "sweep.json").write_text(json.dumps({"swept": ["metap.parametrization", "model.d_model", "optim.lr", "seed"],
+    (tmp_path / "sweep.json").write_text(json.dumps({"swept": ["metap.parametrization", "model.d_model", hparam, "seed"],
                                                      "runs": runs}))
-    text, png, js = report([tmp_path], "model.d_model", "metap.parametrization")
+    text, png, js = report([tmp_path], "model.d_model", "metap.parametrization", hparam=hparam)
+    assert f"model.d_model=32: {hparam}* 0.004" in text
     groups = {g["group"]: g for g in json.loads(js.read_text())["groups"]}
     assert groups["metap.parametrization=metap"]["drift_log2"] == pytest.approx(0.0, abs=0.02)
     assert groups["metap.parametrization=standard"]["drift_log2"] == pytest.approx(2.0, abs=0.02)
