@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from maxllama.config import ConfigError, load_config
 from maxllama.config.loader import flatten
+from maxllama.config.schema import Config
 from maxllama.sweep.spec import Run, Sweep
 
 MANIFEST = "sweep.json"
@@ -35,14 +36,14 @@ def train_command(sweep: Sweep, sweep_dir: Path, run: Run) -> list[str]:
     return [sys.executable, "-m", "maxllama", "train", str(sweep.base), *run_overrides(sweep_dir, run)]
 
 
-def check_unchanged(sweep: Sweep, sweep_dir: Path, run: Run) -> None:
+def check_unchanged(directory: Path, cfg: Config) -> None:
     """A run directory trained from other settings (the sweep file or its base changed since) must be neither
     counted as this run nor resumed as it: its results would silently mix into the sweep's curves. `run.*` is
     where a run was written, not how it was trained: a sweep directory may be moved or renamed."""
-    saved = run_dir(sweep_dir, run) / "config.yaml"
+    saved = directory / "config.yaml"
     if not saved.exists():
         return
-    now = flatten(load_config(sweep.base, run_overrides(sweep_dir, run))[0].model_dump())
+    now = flatten(cfg.model_dump())
     then = flatten(load_config(saved)[0].model_dump())
     changed = [f"{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in sorted(now.keys() | then.keys())
                if now.get(key) != then.get(key) and not key.startswith("run.")]
@@ -53,13 +54,13 @@ def check_unchanged(sweep: Sweep, sweep_dir: Path, run: Run) -> None:
 
 
 def finished(sweep: Sweep, sweep_dir: Path, run: Run) -> bool:
-    check_unchanged(sweep, sweep_dir, run)
+    cfg = load_config(sweep.base, run_overrides(sweep_dir, run))[0]
+    check_unchanged(run_dir(sweep_dir, run), cfg)
     metrics = run_dir(sweep_dir, run) / "metrics.jsonl"
     if not metrics.exists():
         return False
-    steps = load_config(sweep.base, run.args())[0].train.steps
     lines = [line for line in metrics.read_text().splitlines() if line.strip()]
-    return bool(lines) and json.loads(lines[-1]).get("step") == steps
+    return bool(lines) and json.loads(lines[-1]).get("step") == cfg.train.steps
 
 
 class Manifest:
