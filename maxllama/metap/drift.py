@@ -13,25 +13,38 @@ panel per parametrization), drift.json and a table.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
 from maxllama.config import ConfigError
 from maxllama.sweep.report import Optimum, collect, fit_optimum
 
+def mean_curve(runs: Iterable[dict[float, float]]) -> tuple[list[float], list[float], list[int]]:
+    """Seeds' {lr: loss} curves -> the swept values, the loss averaged over the seeds that ran each, their count."""
+    runs = list(runs)
+    lrs = sorted({lr for run in runs for lr in run})
+    per_lr = [[run[lr] for run in runs if lr in run] for lr in lrs]
+    return lrs, [float(np.mean(v)) for v in per_lr], [len(v) for v in per_lr]
+
+
 @dataclasses.dataclass
 class Curve:
     value: Any  # the scaled key's value
-    lrs: list[float]  # the swept hyperparameter's values (learning rates unless --hparam says otherwise)
-    losses: list[float]  # averaged over seeds
-    seeds: list[int]  # seeds per point
-    optimum: Optimum
-    by_seed: dict[Any, dict[float, float]]  # seed -> {lr: loss}
+    by_seed: dict[Any, dict[float, float]]  # seed -> {lr: loss}; lr: the swept hyperparameter's value
+    lrs: list[float] = dataclasses.field(init=False)
+    losses: list[float] = dataclasses.field(init=False)  # averaged over seeds
+    seeds: list[int] = dataclasses.field(init=False)  # seeds per point
+    optimum: Optimum = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.lrs, self.losses, self.seeds = mean_curve(self.by_seed.values())
+        self.optimum = fit_optimum(self.lrs, self.losses)
 
 
 @dataclasses.dataclass
@@ -68,19 +81,18 @@ class Drift:
             out.append(at(x) / at(math.log2(c.optimum.x)) - 1 if inside else None)
         return out
 
-    def bootstrap(self, samples: int = 1000, seed: int = 0) -> tuple[float, float] | None:
-        """The 16th and 84th percentiles of the drift over seed resamples; None with one seed per curve."""
+    @functools.cached_property
+    def seed_resample_range(self) -> tuple[float, float] | None:
+        """The 16th and 84th percentiles of the drift over 1000 seed resamples; None with one seed per curve."""
         if min(len(c.by_seed) for c in self.curves) < 2:
             return None
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(0)
         drifts = []
-        for _ in range(samples):
+        for _ in range(1000):
             optima = []
             for c in self.curves:
                 runs = list(c.by_seed.values())
-                picked = [runs[i] for i in rng.integers(len(runs), size=len(runs))]
-                lrs = [lr for lr in c.lrs if any(lr in run for run in picked)]
-                losses = [float(np.mean([run[lr] for run in picked if lr in run])) for lr in lrs]
+                lrs, losses, _ = mean_curve(runs[i] for i in rng.integers(len(runs), size=len(runs)))
                 optima.append(math.log2(fit_optimum(lrs, losses).x))
             drifts.append(max(optima) - min(optima))
         low, high = np.percentile(drifts, [16, 84])
@@ -118,17 +130,8 @@ def drifts(sweep_dirs: list[Path], key: str, split: str | None, metric: str = "f
             continue
         group = ", ".join(f"{k}={row.get(k)}" for k in split_keys) or "all"
         points[group][row[key]][row.get("seed", f"run {n}")][float(row[hparam])] = value
-    out = []
-    for group, by_value in points.items():
-        curves = []
-        for value in sorted(by_value, key=float):
-            by_seed = by_value[value]
-            lrs = sorted({lr for run in by_seed.values() for lr in run})
-            per_lr = [[run[lr] for run in by_seed.values() if lr in run] for lr in lrs]
-            losses = [float(np.mean(v)) for v in per_lr]
-            curves.append(Curve(value, lrs, losses, [len(v) for v in per_lr], fit_optimum(lrs, losses), dict(by_seed)))
-        out.append(Drift(group, curves, hparam))
-    return out
+    return [Drift(group, [Curve(value, dict(by_value[value])) for value in sorted(by_value, key=float)], hparam)
+            for group, by_value in points.items()]
 
 
 def plot(results: list[Drift], key: str, path: Path) -> None:
@@ -158,7 +161,7 @@ def plot(results: list[Drift], key: str, path: Path) -> None:
 def table(results: list[Drift], key: str) -> str:
     lines = []
     for r in results:
-        spread = r.bootstrap()
+        spread = r.seed_resample_range
         noise = "" if spread is None else f" (seed resamples: {spread[0]:.2f} to {spread[1]:.2f})"
         lines.append(f"{r.group}: drift {r.drift:.3f} log2{noise} over {key} "
                      f"{r.curves[0].value}..{r.curves[-1].value}; slope {r.slope:+.3f} per doubling")
@@ -180,7 +183,7 @@ def report(sweep_dirs: list[str | Path], key: str, split: str | None, metric: st
     png, js = sweep_dirs[0] / "drift.png", sweep_dirs[0] / "drift.json"
     plot(results, key, png)
     js.write_text(json.dumps({"key": key, "hparam": hparam, "split": split, "metric": metric, "groups": [
-        {"group": r.group, "drift_log2": r.drift, "drift_log2_seed_resamples_16_84": r.bootstrap(),
+        {"group": r.group, "drift_log2": r.drift, "drift_log2_seed_resamples_16_84": r.seed_resample_range,
          "slope_per_doubling": r.slope, "warnings": r.warnings(),
          "curves": [{"value": c.value, "lr_opt": c.optimum.x, "log2_lr_opt": math.log2(c.optimum.x),
                      "loss_opt": c.optimum.value, "fitted": c.optimum.fitted, "at_edge": c.optimum.at_edge,
