@@ -9,7 +9,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: install train test test-slow bench bench-data bench-ckpt lint clean \
-	metap-coord metap-width metap-readout metap-depth metap-experts metap-batch-horizon metap-e2e metap-all
+	metap-coord metap-width metap-readout metap-init metap-depth metap-experts metap-batch-horizon metap-e2e metap-all
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,11 +50,13 @@ SWEEP := $(ML) sweep run
 
 # The logits' init part shrinks as 1/sqrt(width) by design (readout multiplier 1/m_d); a small readout init lets
 # the check see the update-dominated regime from step 2 on, as muP's zero-init readout does.
+# Depth 64 beyond the judged 2..32: at step 4 the fixed batch makes every depth bounce, and depth 64 shows that the
+# bounce's depth dependence is a transient (its step-4 activations sit above depths 8..32), not a trend.
 COORD := $(ML) metap coord-check experiments/metap/proxy.yaml metap.sigma_readout=0.005 --lr 4e-3 --out runs/metap/coord
 
-metap-coord: $(STAMP)  ## coordinate check: widths 32..512 and depths 2..32, MetaP vs standard
+metap-coord: $(STAMP)  ## coordinate check: widths 32..512 and depths 2..64, MetaP vs standard
 	$(COORD) --widths 32,64,128,256,512
-	$(COORD) --depths 2,4,8,16,32
+	$(COORD) --depths 2,4,8,16,32,64
 
 metap-width: $(STAMP)  ## optimal-LR drift over 16x width, MetaP vs standard
 	$(SWEEP) experiments/metap/width.yaml
@@ -65,6 +67,10 @@ metap-width: $(STAMP)  ## optimal-LR drift over 16x width, MetaP vs standard
 metap-readout: $(STAMP)  ## does the readout's LR multiplier c_out transfer across widths 32..512?
 	$(SWEEP) experiments/metap/readout_width.yaml
 	$(ML) metap drift runs/sweeps/readout_width --key model.d_model --hparam metap.lr_readout
+
+metap-init: $(STAMP)  ## does the hidden init scale sigma_hidden transfer across widths 32..512?
+	$(SWEEP) experiments/metap/init_width.yaml
+	$(ML) metap drift runs/sweeps/init_width --key model.d_model --hparam metap.sigma_hidden
 
 metap-depth: $(STAMP)  ## optimal-LR drift over 8x depth: alpha 1 and 0.5 vs standard
 	$(SWEEP) experiments/metap/depth.yaml
@@ -88,7 +94,7 @@ metap-e2e: $(STAMP)  ## proxy LR sweep -> transfer -> target (4x width, 4x depth
 	$(SWEEP) experiments/metap/e2e_direct.yaml
 	$(ML) metap regret runs/sweeps/e2e_transferred --direct runs/sweeps/e2e_direct --proxy runs/sweeps/e2e_proxy
 
-metap-all: metap-coord metap-width metap-readout metap-depth metap-experts metap-batch-horizon metap-e2e  ## every MetaP proof (hours on 2 cores)
+metap-all: metap-coord metap-width metap-readout metap-init metap-depth metap-experts metap-batch-horizon metap-e2e  ## every MetaP proof (hours on 2 cores)
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff
