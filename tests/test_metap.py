@@ -183,6 +183,17 @@ def test_coordinate_check_is_flat_under_metap_and_grows_under_sp():
     assert slopes["standard"].min() > 0.5, slopes["standard"]  # SP: activations grow with width
 
 
+
+def test_coordinate_check_seeds_share_one_compile_but_not_their_init():
+    from maxllama.data.pipeline import build_datasets
+    from maxllama.metap.coord_check import ladder_config, measure
+    cfg, _ = load_config("experiments/metap/proxy.yaml", ["train.batch_size=4", "train.seq_len=32"])
+    rung = ladder_config(cfg, "width", 32, 32, "metap", steps=2, lr=4e-3)
+    batch = build_datasets(rung).train[0]
+    both = list(measure(rung, batch, False, (0, 1)))
+    assert both[1] == next(measure(rung, batch, False, (1,)))  # seed 1 after seed 0 = seed 1 alone
+    assert both[0] != both[1]
+
 # ---- transfer on synthetic sweeps ----
 
 def synthetic_sweep(tmp_path, budgets, lr_opt, seeds=(0, 1), lrs=None, noise=0.0, seed_offset=0.0):

@@ -13,7 +13,7 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +39,8 @@ def scaled_model(model: ModelConfig, width: int) -> ModelConfig:
     return model.model_copy(update=update)
 
 
-def ladder_config(cfg: Config, axis: Axis, value: int, proxy_value: int, parametrization: str, seed: int,
-                  steps: int, lr: float) -> Config:
+def ladder_config(cfg: Config, axis: Axis, value: int, proxy_value: int, parametrization: str, steps: int,
+                  lr: float) -> Config:
     """One rung: this config at `value` of the axis, with the smallest rung as MetaP's proxy (unless the config
     names its own proxy), a constant LR from the first step, and `steps` steps."""
     base = cfg.metap.base
@@ -54,7 +54,7 @@ def ladder_config(cfg: Config, axis: Axis, value: int, proxy_value: int, paramet
             base = base.model_copy(update={"n_layers": proxy_value})
     model = model.model_copy(update={"scan_layers": False})  # per-layer activations
     data = cfg.model_dump()
-    data.update(seed=seed, model=model.model_dump(),
+    data.update(model=model.model_dump(),
                 metap={**cfg.metap.model_dump(), "parametrization": parametrization, "base": base.model_dump()},
                 optim={**cfg.optim.model_dump(), "lr": lr, "schedule": "constant", "warmup_steps": 0},
                 train={**cfg.train.model_dump(), "steps": steps})
@@ -81,8 +81,9 @@ def module_means(intermediates: dict, by_kind: bool) -> dict[str, jax.Array]:
     return out
 
 
-def measure(cfg: Config, batch: dict, by_kind: bool) -> list[dict[str, float]]:
-    """Mean |activation| per module before each of cfg.train.steps updates and after the last."""
+def measure(cfg: Config, batch: dict, by_kind: bool, seeds: Sequence[int]) -> Iterator[list[dict[str, float]]]:
+    """Per seed, the mean |activation| per module before each of cfg.train.steps updates and after the last.
+    The seeds share one compiled model and train step: only the initial parameters differ."""
     from maxllama.model.build import bind, define_model, init_params
     from maxllama.parallel.mesh import build_mesh
     from maxllama.parallel.rules import LogicalSharding
@@ -94,7 +95,6 @@ def measure(cfg: Config, batch: dict, by_kind: bool) -> list[dict[str, float]]:
     model = define_model(cfg, sharding)
     schedule = make_schedule(cfg.optim, cfg.train.steps)
     optimizer = build_optimizer(cfg, model.rules, schedule)
-    state = init_state(init_params(cfg, model, sharding), optimizer)
 
     @jax.jit
     def activations(params, batch):
@@ -103,12 +103,14 @@ def measure(cfg: Config, batch: dict, by_kind: bool) -> list[dict[str, float]]:
         return module_means(nnx.to_pure_dict(nnx.pop(decoder, nnx.Intermediate)), by_kind)
 
     step = jax.jit(train_step_fn(cfg, model, optimizer, schedule))
-    rows = []
-    for _ in range(cfg.train.steps):
+    for seed in seeds:
+        state = init_state(init_params(cfg.model_copy(update={"seed": seed}), model, sharding), optimizer)
+        rows = []
+        for _ in range(cfg.train.steps):
+            rows.append({k: float(v) for k, v in activations(state.params, batch).items()})
+            state, _ = step(state, batch)
         rows.append({k: float(v) for k, v in activations(state.params, batch).items()})
-        state, _ = step(state, batch)
-    rows.append({k: float(v) for k, v in activations(state.params, batch).items()})
-    return rows
+        yield rows
 
 
 @dataclasses.dataclass
@@ -163,9 +165,9 @@ def coord_check(cfg: Config, axis: Axis, values: Sequence[int], parametrization:
     batch = build_datasets(cfg).train[0]
     per_rung: dict[int, list[list[dict[str, float]]]] = defaultdict(list)
     for value in values:
-        for seed in seeds:
-            rung = ladder_config(cfg, axis, value, values[0], parametrization, seed, steps, lr or cfg.optim.lr)
-            per_rung[value].append(measure(rung, batch, by_kind=axis == "depth"))
+        rung = ladder_config(cfg, axis, value, values[0], parametrization, steps, lr or cfg.optim.lr)
+        for seed, rows in zip(seeds, measure(rung, batch, axis == "depth", seeds)):
+            per_rung[value].append(rows)
             progress(f"{axis} {value}, seed {seed}")
     modules = list(per_rung[values[0]][0][0])
     means = {m: [[float(np.mean([run[step][m] for run in per_rung[v]])) for v in values] for step in range(steps + 1)]
