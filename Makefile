@@ -50,9 +50,11 @@ SWEEP := $(ML) sweep run
 
 # The logits' init part shrinks as 1/sqrt(width) by design (readout multiplier 1/m_d); a small readout init lets
 # the check see the update-dominated regime from step 2 on, as muP's zero-init readout does.
-# Depth 64 beyond the judged 2..32: at step 4 the fixed batch makes every depth bounce, and depth 64 shows that the
-# bounce's depth dependence is a transient (its step-4 activations sit above depths 16 and 32), not a trend.
-COORD := $(ML) metap coord-check experiments/metap/proxy.yaml metap.sigma_readout=0.005 --lr 4e-3 --out runs/metap/coord
+# Depth 64 beyond the judged 2..32: at step 4 the fixed batch makes every depth bounce, deeper up to 32 layers,
+# and depth 64 shows where that levels off. 6 seeds (they share one compile): with 2, seed noise is the size of
+# the tolerance.
+COORD := $(ML) metap coord-check experiments/metap/proxy.yaml metap.sigma_readout=0.005 --lr 4e-3 --seeds 0,1,2,3,4,5 \
+	--out runs/metap/coord
 
 metap-coord: $(STAMP)  ## coordinate check: widths 32..512 and depths 2..64, MetaP vs standard
 	$(COORD) --widths 32,64,128,256,512

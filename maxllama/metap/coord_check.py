@@ -84,7 +84,7 @@ def module_means(intermediates: dict, by_kind: bool) -> dict[str, jax.Array]:
 def measure(cfg: Config, batch: dict, by_kind: bool, seeds: Sequence[int]) -> Iterator[list[dict[str, float]]]:
     """Per seed, the mean |activation| per module before each of cfg.train.steps updates and after the last.
     The seeds share one compiled model and train step: only the initial parameters differ."""
-    from maxllama.model.build import bind, define_model, init_params
+    from maxllama.model.build import bind, define_model, initializer
     from maxllama.parallel.mesh import build_mesh
     from maxllama.parallel.rules import LogicalSharding
     from maxllama.train.optimizer import build_optimizer
@@ -103,8 +103,9 @@ def measure(cfg: Config, batch: dict, by_kind: bool, seeds: Sequence[int]) -> It
         return module_means(nnx.to_pure_dict(nnx.pop(decoder, nnx.Intermediate)), by_kind)
 
     step = jax.jit(train_step_fn(cfg, model, optimizer, schedule))
+    init = initializer(cfg, model, sharding)
     for seed in seeds:
-        state = init_state(init_params(cfg.model_copy(update={"seed": seed}), model, sharding), optimizer)
+        state = init_state(init(seed), optimizer)
         rows = []
         for _ in range(cfg.train.steps):
             rows.append({k: float(v) for k, v in activations(state.params, batch).items()})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -88,17 +88,21 @@ def sharded_abstract_params(model: ModelDef, sharding: LogicalSharding) -> dict:
                         model.abstract_params, param_shardings(model, sharding))
 
 
-def init_params(cfg: Config, model: ModelDef, sharding: LogicalSharding) -> dict:
-    """Initialise parameters directly into their shards (never materialised whole on one device): the model
-    draws unit normals (ones for gains) and each is scaled to its MetaP init std."""
+def initializer(cfg: Config, model: ModelDef, sharding: LogicalSharding) -> Callable[[int], dict]:
+    """seed -> parameters, initialised directly into their shards (never materialised whole on one device): the
+    model draws unit normals (ones for gains) and each is scaled to its MetaP init std. One compile, any seed."""
 
-    def init():
+    def init(seed):
         unit = nnx.to_pure_dict(nnx.state(Decoder(cfg.model, parametrization=model.parametrization,
-                                                  sharding=sharding, rngs=nnx.Rngs(cfg.seed))))
+                                                  sharding=sharding, rngs=nnx.Rngs(jax.random.key(seed)))))
         return jax.tree.map(lambda x, rule: x if rule.init_std is None else (x * rule.init_std).astype(x.dtype),
                             unit, model.rules)
 
-    return jax.jit(init, out_shardings=param_shardings(model, sharding))()
+    return jax.jit(init, out_shardings=param_shardings(model, sharding))
+
+
+def init_params(cfg: Config, model: ModelDef, sharding: LogicalSharding) -> dict:
+    return initializer(cfg, model, sharding)(cfg.seed)
 
 
 def bind(model: ModelDef, params: dict) -> Decoder:
