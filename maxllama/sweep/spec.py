@@ -11,6 +11,8 @@ seeds: [0, 1]
 budget: 20                   # at most this many runs (the first ones, in expansion order)
 executor: {type: local, parallel: 2}   # or {type: slurm, partition: gpu, gpus_per_run: 8, time: "04:00:00"}
 ```
+`grid`, `zip` and `overrides` may instead name a YAML file that holds the mapping (`zip: width_ladder.yaml`,
+relative to this file), so sweeps over the same ladder share one copy of it.
 Every run's config is validated before anything runs: a key the config lacks or a value of the wrong type is
 reported with the key.
 """
@@ -31,6 +33,7 @@ from maxllama.config import ConfigError, load_config
 from maxllama.config.loader import _Loader
 
 SWEEP_KEYS = {"base", "name", "overrides", "grid", "zip", "random", "seeds", "budget", "executor"}
+MAPPING_KEYS = ("overrides", "grid", "zip")  # each a mapping, or the name of a YAML file holding one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,14 +111,24 @@ def run_name(template: str | None, values: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]", "-", name)
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    path = Path(path)
+def _read_yaml(path: Path, what: str) -> Any:
     try:
-        spec = yaml.load(path.read_text(), Loader=_Loader) or {}
+        return yaml.load(path.read_text(), Loader=_Loader)
     except FileNotFoundError:
-        raise ConfigError(f"sweep file not found: {path}") from None
+        raise ConfigError(f"{what} not found: {path}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({e})") from None
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    path = Path(path)
+    spec = _read_yaml(path, "sweep file") or {}
+    for key in MAPPING_KEYS:
+        if isinstance(spec.get(key), str):
+            shared = path.parent / spec[key]
+            spec[key] = _read_yaml(shared, f"{path}: {key}: file")
+            if not isinstance(spec[key], dict):
+                raise ConfigError(f"{path}: {key}: {shared} must hold a mapping of dotted keys to values")
     unknown = set(spec) - SWEEP_KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown sweep key(s) {', '.join(sorted(unknown))} (valid: {', '.join(sorted(SWEEP_KEYS))})")
