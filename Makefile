@@ -51,8 +51,8 @@ SWEEP := $(ML) sweep run
 # The logits' init part shrinks as 1/sqrt(width) by design (readout multiplier 1/m_d); a small readout init lets
 # the check see the update-dominated regime from step 2 on, as muP's zero-init readout does.
 # Depth 64 beyond the judged 2..32: at step 4 the fixed batch makes every depth bounce, deeper up to 32 layers,
-# and depth 64 shows where that levels off. 6 seeds (they share one compile): with 2, seed noise is the size of
-# the tolerance.
+# and depth 64 shows where that levels off. 6 seeds (they share one compile): with 2, seed noise moves the slopes
+# by a few hundredths, a fair part of the 0.1 tolerance.
 COORD := $(ML) metap coord-check experiments/metap/proxy.yaml metap.sigma_readout=0.005 --lr 4e-3 --seeds 0,1,2,3,4,5 \
 	--out runs/metap/coord
 

@@ -25,6 +25,7 @@ import numpy as np
 from maxllama.config import ConfigError
 from maxllama.sweep.report import Optimum, collect, fit_optimum
 
+
 def mean_curve(runs: Iterable[dict[float, float]]) -> tuple[list[float], list[float], list[int]]:
     """Seeds' {lr: loss} curves -> the swept values, the loss averaged over the seeds that ran each, their count."""
     runs = list(runs)

@@ -111,7 +111,7 @@ def run_name(template: str | None, values: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]", "-", name)
 
 
-def _read_yaml(path: Path, what: str) -> Any:
+def _load_yaml_file(path: Path, what: str) -> Any:
     try:
         return yaml.load(path.read_text(), Loader=_Loader)
     except FileNotFoundError:
@@ -122,11 +122,11 @@ def _read_yaml(path: Path, what: str) -> Any:
 
 def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
-    spec = _read_yaml(path, "sweep file") or {}
+    spec = _load_yaml_file(path, "sweep file") or {}
     for key in MAPPING_KEYS:
         if isinstance(spec.get(key), str):
             shared = path.parent / spec[key]
-            spec[key] = _read_yaml(shared, f"{path}: {key}: file")
+            spec[key] = _load_yaml_file(shared, f"{path}: {key}: file")
             if not isinstance(spec[key], dict):
                 raise ConfigError(f"{path}: {key}: {shared} must hold a mapping of dotted keys to values")
     unknown = set(spec) - SWEEP_KEYS
