@@ -18,6 +18,7 @@ from maxllama.config import ConfigError, load_config
 from maxllama.config.loader import dump_config
 from maxllama.metap import param_rule, parametrization_for
 from maxllama.model.build import define_model, flat_paths, init_params
+from maxllama.model.decoder import in_residual_branch
 from maxllama.parallel.mesh import build_mesh
 from maxllama.parallel.rules import LogicalSharding
 from maxllama.train.optimizer import IS_RULE, build_optimizer
@@ -61,6 +62,13 @@ def test_every_parameter_gets_its_role_from_base_shapes(metap_model):
     assert roles["groups.blocks.0.ffn.down"] == "hidden" and roles["groups.blocks.0.attention_norm.weight"] == "vector"
 
 
+@pytest.mark.parametrize("layout", [["model.n_layers=3"], ["model.scan_layers=false"]], ids=["scanned+tail", "unscanned"])
+def test_only_embedding_final_norm_and_readout_sit_outside_the_residual_branches(layout):
+    _, rules = rules_of(small_config(*PROXY, *layout))
+    assert any(path.startswith("tail." if "model.n_layers=3" in layout else "unscanned.") for path in rules)
+    assert {path for path in rules if not in_residual_branch(path)} == {"embed", "final_norm.weight", "lm_head"}
+
+
 def test_width_ratio_is_each_parameters_own_fan_in_ratio(metap_model):
     _, _, rules = metap_model
     assert rules["groups.blocks.0.attention.q"].ratio == 4  # d_model 32 / 8
@@ -77,10 +85,17 @@ def test_rules_match_hand_computed_values(metap_model):
     assert q.init_std == pytest.approx(0.02 / math.sqrt(m))
     assert q.peak_lr(cfg) == pytest.approx(lr / m * m_L ** (alpha - 1))
     assert q.weight_decay == pytest.approx(wd * m) and q.adam_eps == pytest.approx(eps / (m * m_L ** alpha))
-    gain = rules["final_norm.weight"]
+    # Inside a residual branch (block norm gains, the router) depth scales LR and eps; outside it does not.
+    gain = rules["groups.blocks.0.attention_norm.weight"]
     assert gain.init_std is None and gain.weight_decay == 0
     assert gain.lr_multiplier == pytest.approx(m_L ** (alpha - 1)) and gain.adam_eps == pytest.approx(q.adam_eps)
-    for name in ("lm_head", "embed", "groups.blocks.1.ffn.router"):
+    final = rules["final_norm.weight"]
+    assert final.init_std is None and final.weight_decay == 0
+    assert final.lr_multiplier == 1 and final.adam_eps == pytest.approx(eps / m)
+    router = rules["groups.blocks.1.ffn.router"]
+    assert router.init_std == 0.02 and router.weight_decay == wd
+    assert router.lr_multiplier == pytest.approx(m_L ** (alpha - 1)) and router.adam_eps == pytest.approx(q.adam_eps)
+    for name in ("lm_head", "embed"):
         assert rules[name].init_std == 0.02 and rules[name].lr_multiplier == 1
         assert rules[name].weight_decay == wd and rules[name].adam_eps == pytest.approx(eps / m)
     p = model.parametrization
@@ -92,7 +107,7 @@ def test_rules_match_hand_computed_values(metap_model):
 def test_every_width_exponent_is_configurable():
     cfg = small_config(*PROXY, "metap.exponents.hidden_init=1.0", "metap.exponents.hidden_lr=0.5",
                        "metap.exponents.output=0.5", "metap.exponents.eps=0.0", "metap.exponents.attention=0.5")
-    rule = param_rule(cfg, "hidden", 4.0)
+    rule = param_rule(cfg, "hidden", 4.0, in_branch=True)
     assert rule.init_std == pytest.approx(0.02 / 4) and rule.lr_multiplier == pytest.approx(1 / 2)
     assert rule.weight_decay == pytest.approx(cfg.optim.weight_decay * 2)
     assert rule.adam_eps == pytest.approx(cfg.optim.eps / 2)  # width no longer shrinks it; depth (m_L = 2) still does
@@ -105,7 +120,7 @@ def test_batch_and_horizon_exponents_and_adamw_timescale():
                        "metap.kappa=0.5", "metap.beta=0.3", "metap.weight_decay_timescale=true")
     # batch 4 / 1; tokens 250 x 4 x 32 = 32000 = 8 x 4000.
     factor = 4 ** 0.5 * 8 ** -0.3
-    rule = param_rule(cfg, "readout", 4.0)
+    rule = param_rule(cfg, "readout", 4.0, in_branch=False)
     assert rule.lr_multiplier == pytest.approx(factor)
     assert rule.weight_decay == pytest.approx(cfg.optim.weight_decay * 4 / (factor * 8))  # B / (lr wd D) kept
 

@@ -93,8 +93,9 @@ def global_lr_factor(cfg: Config, s: Scales) -> float:
     return s.batch ** cfg.metap.kappa * s.tokens ** -cfg.metap.beta
 
 
-def param_rule(cfg: Config, role: Role, ratio: float, query: bool = False) -> ParamRule:
-    """The rules table for AdamW (METAP.md), one row per role. `query`: the parameter is a query projection."""
+def param_rule(cfg: Config, role: Role, ratio: float, *, in_branch: bool, query: bool = False) -> ParamRule:
+    """The rules table for AdamW (METAP.md), one row per role. `in_branch`: the parameter sits inside a residual
+    branch, so the branch multiplier m_L^-alpha scales its gradient and its output; `query`: a query projection."""
     mp, o = cfg.metap, cfg.optim
     if mp.parametrization == "standard":
         vector = role == "vector"
@@ -102,20 +103,23 @@ def param_rule(cfg: Config, role: Role, ratio: float, query: bool = False) -> Pa
                          0.0 if vector else o.weight_decay, o.eps)
     s, e = run_scales(cfg), mp.exponents
     alpha = mp.depth_alpha
+    # CompleteP's depth factors undo what the branch multiplier does to a parameter inside a branch (its
+    # gradient and its share of the residual stream scale as m_L^-alpha); the embedding, the final norm and
+    # the readout sit outside every branch, so depth leaves them alone.
+    depth_lr, depth_eps = (s.depth ** (alpha - 1), s.depth ** -alpha) if in_branch else (1.0, 1.0)
     eta = global_lr_factor(cfg, s)
-    depth_lr = s.depth ** (alpha - 1)
     wd = o.weight_decay
     if mp.weight_decay_timescale:  # keep tau = B / (lr * wd * D) of the proxy
         wd *= s.batch / (eta * s.tokens)
-    eps = o.eps * s.width ** -e.eps
-    hidden_eps = eps * s.depth ** -alpha
+    lr = eta * depth_lr  # x each group's constant (and the hidden matrices' 1 / m)
+    eps = o.eps * s.width ** -e.eps * depth_eps
     m_lr = ratio ** e.hidden_lr
-    init_std, lr_multiplier, weight_decay, eps = {
-        "embedding": (mp.sigma_embedding, eta * mp.lr_embedding, wd, eps),
-        "hidden": (mp.sigma_hidden * ratio ** -e.hidden_init, eta * mp.lr_hidden / m_lr * depth_lr, wd * m_lr, hidden_eps),
-        "vector": (None, eta * mp.lr_vector * depth_lr, 0.0, hidden_eps),
-        "readout": (mp.sigma_readout, eta * mp.lr_readout, wd, eps),
-        "router": (mp.sigma_readout, eta * mp.lr_router, wd, eps),
+    init_std, lr_multiplier, weight_decay = {
+        "embedding": (mp.sigma_embedding, lr * mp.lr_embedding, wd),
+        "hidden": (mp.sigma_hidden * ratio ** -e.hidden_init, lr * mp.lr_hidden / m_lr, wd * m_lr),
+        "vector": (None, lr * mp.lr_vector, 0.0),
+        "readout": (mp.sigma_readout, lr * mp.lr_readout, wd),
+        "router": (mp.sigma_readout, lr * mp.lr_router, wd),
     }[role]
     if query and mp.zero_init_query:
         init_std = 0.0

@@ -34,8 +34,10 @@ def groups(cfg: Config, model) -> dict[str, dict[str, Any]]:
     for path, rule in _rules(model).items():
         members[(_group_name(rule), rule)].append(path)
     out = {}
-    for (name, rule), paths in sorted(members.items(), key=lambda kv: kv[0][0]):
-        name = name if name not in out else f"{name} ({paths[0]})"  # same role, different zero init
+    # Same role, different rule (a zero-init query, the final norm outside the blocks): the larger group keeps
+    # the role's name, the other is named by its first parameter.
+    for (name, rule), paths in sorted(members.items(), key=lambda kv: (kv[0][0], -len(kv[1]))):
+        name = name if name not in out else f"{name} ({paths[0]})"
         out[name] = {"init_std": rule.init_std, "peak_lr": rule.peak_lr(cfg), "lr_multiplier": rule.lr_multiplier,
                      "weight_decay": rule.weight_decay, "adam_eps": rule.adam_eps, "ratio": rule.ratio,
                      "parameters": paths}

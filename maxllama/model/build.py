@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from maxllama.config.schema import Config, ModelConfig
 from maxllama.metap import Parametrization, param_rule, parametrization_for
 from maxllama.metap.shapes import double_width_model, proxy_model, roles_and_ratios
-from maxllama.model.decoder import Decoder
+from maxllama.model.decoder import Decoder, in_residual_branch
 from maxllama.parallel.rules import LogicalSharding
 
 IS_META = lambda x: isinstance(x, dict) and "logical_axes" in x  # noqa: E731
@@ -69,7 +69,8 @@ def define_model(cfg: Config, sharding: LogicalSharding) -> ModelDef:
     for path, meta in flat_meta.items():
         meta["role"] = roles[path][0]
     rules = jax.tree_util.tree_map_with_path(
-        lambda p, m: param_rule(cfg, *roles[param_path(p)], query=_is_query(param_path(p))),
+        lambda p, m: param_rule(cfg, *roles[param_path(p)], in_branch=in_residual_branch(param_path(p)),
+                                query=_is_query(param_path(p))),
         metadata, is_leaf=IS_META)
     return ModelDef(graphdef, abstract_params, metadata, rules, parametrization)
 

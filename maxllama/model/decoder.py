@@ -111,6 +111,10 @@ class DecoderOutput(NamedTuple):
 
 
 class Decoder(nnx.Module):
+    # Where the layers live (scanned groups, unscanned layers, the scanned model's tail): every parameter under
+    # one of these sits inside a residual branch; the embedding, final norm and readout do not.
+    LAYER_CONTAINERS = ("groups", "unscanned", "tail")
+
     def __init__(self, cfg: ModelConfig, *, parametrization: Parametrization, sharding: LogicalSharding,
                  rngs: nnx.Rngs):
         pdt = jnp.dtype(cfg.param_dtype)
@@ -208,3 +212,8 @@ class Decoder(nnx.Module):
         # Scanned stats are [groups, moe layers per group, ...]: flatten to one row per MoE layer, in order.
         stats = jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stats) if stats is not None else None
         return x, stats, caches
+
+
+def in_residual_branch(path: str) -> bool:
+    """Whether the parameter at this dotted path ('groups.blocks.0.attention.q') sits in a decoder layer."""
+    return path.split(".", 1)[0] in Decoder.LAYER_CONTAINERS
