@@ -199,6 +199,17 @@ def test_coordinate_check_is_flat_under_metap_and_grows_under_sp():
 
 
 
+def test_slope_errors_are_the_spread_of_each_seeds_own_fit():
+    from maxllama.metap.coord_check import CoordCheck, slope_errors
+    widths = [32, 64, 128]
+    seed = lambda slope: {"h": [[2.0 ** (slope * k) for k in range(3)]]}  # noqa: E731  one step, a power law
+    errors = slope_errors(widths, [seed(0.1), seed(0.3), seed(0.2)])
+    assert errors["h"][0] == pytest.approx(0.1 / math.sqrt(3))  # std(0.1, 0.3, 0.2; ddof 1) = 0.1, over sqrt(3)
+    assert slope_errors(widths, [seed(0.1)]) is None
+    check = CoordCheck("width", "metap", widths, {"h": [[1.0, 1.0, 1.0]]}, {"h": [0.2]}, errors, 0.1, 0)
+    assert "+0.200 ±0.058" in check.table() and "FAIL" in check.table()
+
+
 def test_coordinate_check_seeds_share_one_compile_but_not_their_init():
     from maxllama.data.pipeline import build_datasets
     from maxllama.metap.coord_check import ladder_config, measure

@@ -121,6 +121,7 @@ class CoordCheck:
     values: list[int]  # the rungs: widths or depths
     means: dict[str, list[list[float]]]  # module -> [step][rung], averaged over seeds
     slopes: dict[str, list[float]]  # module -> [step]: d log2 |act| / d log2 value
+    slope_errors: dict[str, list[float]] | None  # module -> [step]: standard error over seeds; None with one seed
     tolerance: float
     min_step: int
 
@@ -138,10 +139,13 @@ class CoordCheck:
         rows = []
         for module, per_step in self.slopes.items():
             bad = any(abs(s) > self.tolerance for s in per_step[self.min_step:])
-            rows.append([module] + [f"{s:+.3f}" for s in per_step] + ["FAIL" if bad else "pass"])
+            errors = self.slope_errors[module] if self.slope_errors else None
+            cells = [f"{s:+.3f}" + (f" ±{e:.3f}" if errors else "") for s, e in zip(per_step, errors or per_step)]
+            rows.append([module] + cells + ["FAIL" if bad else "pass"])
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines = [f"slope of log2 mean|activation| per doubling of {self.axis} ({self.parametrization}; pass: "
-                 f"|slope| <= {self.tolerance} at steps >= {self.min_step})"]
+                 f"|slope| <= {self.tolerance} at steps >= {self.min_step})"
+                 + ("; ± its standard error over seeds" if self.slope_errors else "")]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
         return "\n".join(lines)
 
@@ -154,6 +158,16 @@ def fit_slopes(values: Sequence[int], means: dict[str, list[list[float]]]) -> di
     x = np.log2(np.asarray(values, float))
     return {module: [float(np.polyfit(x, np.log2(np.maximum(row, 1e-30)), 1)[0]) for row in per_step]
             for module, per_step in means.items()}
+
+
+def slope_errors(values: Sequence[int], per_seed: Sequence[dict[str, list[list[float]]]]) -> dict[str, list[float]] | None:
+    """The standard error of each slope over seeds, from every seed's own fit: how much of a slope is seed
+    noise. None with fewer than two seeds."""
+    if len(per_seed) < 2:
+        return None
+    fits = [fit_slopes(values, means) for means in per_seed]
+    return {module: [float(np.std(step, ddof=1) / math.sqrt(len(fits))) for step in zip(*(f[module] for f in fits))]
+            for module in fits[0]}
 
 
 def coord_check(cfg: Config, axis: Axis, values: Sequence[int], parametrization: str, *, seeds: Sequence[int] = (0, 1),
@@ -171,9 +185,15 @@ def coord_check(cfg: Config, axis: Axis, values: Sequence[int], parametrization:
             per_rung[value].append(rows)
             progress(f"{axis} {value}, seed {seed}")
     modules = list(per_rung[values[0]][0][0])
-    means = {m: [[float(np.mean([run[step][m] for run in per_rung[v]])) for v in values] for step in range(steps + 1)]
-             for m in modules}
-    return CoordCheck(axis, parametrization, list(values), means, fit_slopes(values, means), tolerance, min_step)
+
+    def curves(pick: Callable[[list[list[dict[str, float]]], int, str], float]) -> dict[str, list[list[float]]]:
+        """module -> [step][rung] of pick(the rung's runs, step, module)."""
+        return {m: [[pick(per_rung[v], step, m) for v in values] for step in range(steps + 1)] for m in modules}
+
+    means = curves(lambda runs, step, m: float(np.mean([run[step][m] for run in runs])))
+    per_seed = [curves(lambda runs, step, m, i=i: runs[i][step][m]) for i in range(len(seeds))]
+    return CoordCheck(axis, parametrization, list(values), means, fit_slopes(values, means),
+                      slope_errors(values, per_seed), tolerance, min_step)
 
 
 def plot(check: CoordCheck, path: Path) -> None:
