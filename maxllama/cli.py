@@ -545,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         "coord-check", help="mean |activation| per module vs width or depth after a few high-LR steps",
         description="Train each width (or depth) a few steps at a high LR on one fixed batch, for 2+ seeds; write a "
                     "PNG (one panel per step, log-log) and a JSON of the slopes per doubling; print a pass/fail "
-                    "table. Exit code 1 when MetaP fails.")
+                    "table, each slope with its standard error over seeds. Exit code 1 when MetaP fails.")
     coord.add_argument("file", metavar="CONFIG")
     coord.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     coord.add_argument("--widths", type=_int_list, help="residual widths, e.g. 32,64,128,256,512")
