@@ -185,13 +185,9 @@ def coord_check(cfg: Config, axis: Axis, values: Sequence[int], parametrization:
             per_rung[value].append(rows)
             progress(f"{axis} {value}, seed {seed}")
     modules = list(per_rung[values[0]][0][0])
-
-    def curves(pick: Callable[[list[list[dict[str, float]]], int, str], float]) -> dict[str, list[list[float]]]:
-        """module -> [step][rung] of pick(the rung's runs, step, module)."""
-        return {m: [[pick(per_rung[v], step, m) for v in values] for step in range(steps + 1)] for m in modules}
-
-    means = curves(lambda runs, step, m: float(np.mean([run[step][m] for run in runs])))
-    per_seed = [curves(lambda runs, step, m, i=i: runs[i][step][m]) for i in range(len(seeds))]
+    per_seed = [{m: [[per_rung[v][i][step][m] for v in values] for step in range(steps + 1)] for m in modules}
+                for i in range(len(seeds))]  # [seed] module -> [step][rung]
+    means = {m: np.mean([run[m] for run in per_seed], axis=0).tolist() for m in modules}
     return CoordCheck(axis, parametrization, list(values), means, fit_slopes(values, means),
                       slope_errors(values, per_seed), tolerance, min_step)
 

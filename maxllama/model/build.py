@@ -68,10 +68,12 @@ def define_model(cfg: Config, sharding: LogicalSharding) -> ModelDef:
     roles = roles_and_ratios(flat_meta, shapes, _shapes(proxy_model(cfg)), _shapes(double_width_model(cfg.model)))
     for path, meta in flat_meta.items():
         meta["role"] = roles[path][0]
-    rules = jax.tree_util.tree_map_with_path(
-        lambda p, m: param_rule(cfg, *roles[param_path(p)], in_branch=in_residual_branch(param_path(p)),
-                                query=_is_query(param_path(p))),
-        metadata, is_leaf=IS_META)
+
+    def rule(key_path, _):
+        path = param_path(key_path)
+        return param_rule(cfg, *roles[path], in_branch=in_residual_branch(path), query=_is_query(path))
+
+    rules = jax.tree_util.tree_map_with_path(rule, metadata, is_leaf=IS_META)
     return ModelDef(graphdef, abstract_params, metadata, rules, parametrization)
 
 
