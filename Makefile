@@ -9,7 +9,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: install train test test-slow bench bench-data bench-ckpt lint clean \
-	metap-coord metap-width metap-readout metap-init metap-depth metap-experts metap-batch-horizon metap-e2e metap-all
+	metap-coord metap-width metap-readout metap-embedding metap-init metap-depth metap-experts metap-batch-horizon metap-e2e metap-all
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -71,6 +71,10 @@ metap-readout: $(STAMP)  ## does the readout's LR multiplier c_out transfer acro
 	$(SWEEP) experiments/metap/readout_width.yaml
 	$(ML) metap drift runs/sweeps/readout_width --key model.d_model --hparam metap.lr_readout
 
+metap-embedding: $(STAMP)  ## does the embedding's LR transfer across widths 32..512? u-muP's 1/sqrt(width) rule
+	$(SWEEP) experiments/metap/embedding_width.yaml
+	$(ML) metap drift runs/sweeps/embedding_width --key model.d_model
+
 metap-init: $(STAMP)  ## does the hidden init scale sigma_hidden transfer across widths 32..512?
 	$(SWEEP) experiments/metap/init_width.yaml
 	$(ML) metap drift runs/sweeps/init_width --key model.d_model --hparam metap.sigma_hidden
@@ -97,7 +101,7 @@ metap-e2e: $(STAMP)  ## proxy LR sweep -> transfer -> target (4x width, 4x depth
 	$(SWEEP) experiments/metap/e2e_direct.yaml
 	$(ML) metap regret runs/sweeps/e2e_transferred --direct runs/sweeps/e2e_direct --proxy runs/sweeps/e2e_proxy
 
-metap-all: metap-coord metap-width metap-readout metap-init metap-depth metap-experts metap-batch-horizon metap-e2e  ## every MetaP proof (hours on 2 cores)
+metap-all: metap-coord metap-width metap-readout metap-embedding metap-init metap-depth metap-experts metap-batch-horizon metap-e2e  ## every MetaP proof (hours on 2 cores)
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff

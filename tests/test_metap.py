@@ -106,7 +106,9 @@ def test_rules_match_hand_computed_values(metap_model):
 
 def test_every_width_exponent_is_configurable():
     cfg = small_config(*PROXY, "metap.exponents.hidden_init=1.0", "metap.exponents.hidden_lr=0.5",
-                       "metap.exponents.output=0.5", "metap.exponents.eps=0.0", "metap.exponents.attention=0.5")
+                       "metap.exponents.output=0.5", "metap.exponents.eps=0.0", "metap.exponents.attention=0.5",
+                       "metap.exponents.embedding_lr=0.5")
+    assert param_rule(cfg, "embedding", 4.0, in_branch=False).lr_multiplier == pytest.approx(1 / 2)
     rule = param_rule(cfg, "hidden", 4.0, in_branch=True)
     assert rule.init_std == pytest.approx(0.02 / 4) and rule.lr_multiplier == pytest.approx(1 / 2)
     assert rule.weight_decay == pytest.approx(cfg.optim.weight_decay * 2)

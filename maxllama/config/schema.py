@@ -218,6 +218,7 @@ class MetaPExponents(Section):
     hidden_init: float = Field(0.5, description="Hidden init std x m^-hidden_init.")
     hidden_lr: float = Field(1.0, description="Hidden LR x m^-hidden_lr; hidden weight decay x m^hidden_lr "
                                               "(keeps LR x weight decay fixed).")
+    embedding_lr: float = Field(0.0, description="Embedding LR x m_d^-embedding_lr (0: muP; 0.5: u-muP's rule).")
     output: float = Field(1.0, description="Logits and router logits x m_d^-output.")
     eps: float = Field(1.0, description="Adam eps x m_d^-eps (gradients shrink with width).")
     attention: float = Field(1.0, description="Attention logits x head_dim^-attention (1: muP; 0.5: standard).")

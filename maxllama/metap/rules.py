@@ -115,7 +115,7 @@ def param_rule(cfg: Config, role: Role, ratio: float, *, in_branch: bool, query:
     eps = o.eps * s.width ** -e.eps * depth_eps
     m_lr = ratio ** e.hidden_lr
     init_std, lr_multiplier, weight_decay = {
-        "embedding": (mp.sigma_embedding, lr * mp.lr_embedding, wd),
+        "embedding": (mp.sigma_embedding, lr * mp.lr_embedding * ratio ** -e.embedding_lr, wd),
         "hidden": (mp.sigma_hidden * ratio ** -e.hidden_init, lr * mp.lr_hidden / m_lr, wd * m_lr),
         "vector": (None, lr * mp.lr_vector, 0.0),
         "readout": (mp.sigma_readout, lr * mp.lr_readout, wd),
