@@ -62,10 +62,11 @@ def test_every_parameter_gets_its_role_from_base_shapes(metap_model):
     assert roles["groups.blocks.0.ffn.down"] == "hidden" and roles["groups.blocks.0.attention_norm.weight"] == "vector"
 
 
-@pytest.mark.parametrize("layout", [["model.n_layers=3"], ["model.scan_layers=false"]], ids=["scanned+tail", "unscanned"])
-def test_only_embedding_final_norm_and_readout_sit_outside_the_residual_branches(layout):
-    _, rules = rules_of(small_config(*PROXY, *layout))
-    assert any(path.startswith("tail." if "model.n_layers=3" in layout else "unscanned.") for path in rules)
+@pytest.mark.parametrize("layout,container", [("model.n_layers=3", "tail."), ("model.scan_layers=false", "unscanned.")],
+                         ids=["scanned+tail", "unscanned"])
+def test_only_embedding_final_norm_and_readout_sit_outside_the_residual_branches(layout, container):
+    _, rules = rules_of(small_config(*PROXY, layout))
+    assert any(path.startswith(container) for path in rules)
     assert {path for path in rules if not in_residual_branch(path)} == {"embed", "final_norm.weight", "lm_head"}
 
 
@@ -198,7 +199,6 @@ def test_coordinate_check_is_flat_under_metap_and_grows_under_sp():
         slopes[param] = np.array([s[2:] for s in hidden.values()])
     assert np.abs(slopes["metap"]).max() < 0.25, slopes["metap"]  # 3 narrow widths, 1 seed: the full check is 0.1
     assert slopes["standard"].min() > 0.5, slopes["standard"]  # SP: activations grow with width
-
 
 
 def test_slope_errors_are_the_spread_of_each_seeds_own_fit():

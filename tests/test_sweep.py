@@ -61,7 +61,6 @@ def test_names_budget_and_validation(tmp_path):
         load_sweep(write_sweep(tmp_path, "base: base.yaml\nname: same\ngrid: {optim.lr: [0.1, 0.2]}\n", "bad4.yaml"))
 
 
-
 def test_a_zip_kept_in_its_own_file_expands_as_if_written_inline(tmp_path):
     (tmp_path / "ladder.yaml").write_text("model.d_model: [32, 64]\nmodel.d_ff: [128, 256]\n")
     inline = load_sweep(write_sweep(tmp_path, "base: base.yaml\nzip: {model.d_model: [32, 64], model.d_ff: [128, 256]}\n"
@@ -74,6 +73,7 @@ def test_a_zip_kept_in_its_own_file_expands_as_if_written_inline(tmp_path):
     (tmp_path / "list.yaml").write_text("[1, 2]\n")
     with pytest.raises(ConfigError, match=r"grid: .*list.yaml must hold a mapping"):
         load_sweep(write_sweep(tmp_path, "base: base.yaml\ngrid: list.yaml\n", "bad2.yaml"))
+
 
 def test_fitted_optimum_of_a_parabola_in_log2_space():
     xs = [2.0 ** e for e in range(-12, -4)]
