@@ -21,7 +21,7 @@ from maxllama.model.build import define_model, flat_paths, init_params
 from maxllama.model.decoder import in_residual_branch
 from maxllama.parallel.mesh import build_mesh
 from maxllama.parallel.rules import LogicalSharding
-from maxllama.train.optimizer import IS_RULE, build_optimizer
+from maxllama.train.optimizer import IS_RULE, build_optimizer, clip_by_weighted_global_norm
 from maxllama.train.schedules import make_schedule
 from tests.conftest import small_config
 
@@ -99,6 +99,10 @@ def test_rules_match_hand_computed_values(metap_model):
     for name in ("lm_head", "embed"):
         assert rules[name].init_std == 0.02 and rules[name].lr_multiplier == 1
         assert rules[name].weight_decay == wd and rules[name].adam_eps == pytest.approx(eps / m)
+    # Every non-hidden gradient's squared norm counts m times in the clipping norm; a hidden one's once.
+    assert q.clip_weight == 1
+    assert {rules[n].clip_weight for n in ("lm_head", "embed", "final_norm.weight")} == {m}
+    assert router.clip_weight == m and gain.clip_weight == m
     p = model.parametrization
     assert p.output_multiplier == pytest.approx(1 / m) and p.router_multiplier == pytest.approx(1 / m)
     assert p.residual_multiplier == pytest.approx(m_L ** -alpha)
@@ -108,8 +112,9 @@ def test_rules_match_hand_computed_values(metap_model):
 def test_every_width_exponent_is_configurable():
     cfg = small_config(*PROXY, "metap.exponents.hidden_init=1.0", "metap.exponents.hidden_lr=0.5",
                        "metap.exponents.output=0.5", "metap.exponents.eps=0.0", "metap.exponents.attention=0.5",
-                       "metap.exponents.embedding_lr=0.5")
+                       "metap.exponents.embedding_lr=0.5", "metap.exponents.clip_norm=0.5")
     assert param_rule(cfg, "embedding", 4.0, in_branch=False).lr_multiplier == pytest.approx(1 / 2)
+    assert param_rule(cfg, "readout", 4.0, in_branch=False).clip_weight == pytest.approx(2)
     rule = param_rule(cfg, "hidden", 4.0, in_branch=True)
     assert rule.init_std == pytest.approx(0.02 / 4) and rule.lr_multiplier == pytest.approx(1 / 2)
     assert rule.weight_decay == pytest.approx(cfg.optim.weight_decay * 2)
@@ -171,16 +176,55 @@ def test_optimizer_applies_per_parameter_eps_decay_and_lr(metap_model):
         assert float(updates[path].ravel()[0]) == pytest.approx(expected, rel=1e-5), path
 
 
+def test_clipping_bounds_the_weighted_norm(metap_model):
+    """Gradients of norm 1 per parameter: the clip scales them all by grad_clip / sqrt(sum of the weights)."""
+    cfg, model, rules = metap_model
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), model.abstract_params)
+    grads = jax.tree.map(lambda s: jnp.full(s.shape, 1 / math.sqrt(math.prod(s.shape)), s.dtype), model.abstract_params)
+    clip = clip_by_weighted_global_norm(cfg.train.grad_clip, jax.tree.map(lambda r: r.clip_weight, model.rules,
+                                                                           is_leaf=IS_RULE))
+    clipped = flat_paths(clip.update(grads, clip.init(params), params)[0])
+    scale = cfg.train.grad_clip / math.sqrt(sum(r.clip_weight for r in rules.values()))
+    assert sum(r.clip_weight != 1 for r in rules.values()) >= 5  # the weights are not all 1 here
+    for path, g in clipped.items():
+        np.testing.assert_allclose(g, flat_paths(grads)[path] * scale, rtol=1e-6)
+
+
+def test_metaps_clipping_norm_keeps_the_proxys_value_across_width():
+    """The measured claim behind the clip weights: at init the proxy's plain global norm falls by 40% at 8x its
+    width (the embedding's and readout's gradients shrink as m^-1/2); the weighted norm stays within 20%."""
+    from maxllama.data.pipeline import build_datasets
+    from maxllama.metap.coord_check import ladder_config
+    from maxllama.model.build import bind, initializer
+    from maxllama.train.loss import training_loss
+    proxy, _ = load_config("experiments/metap/proxy.yaml", ["train.batch_size=4", "train.seq_len=32"])
+    batch = build_datasets(proxy).train[0]
+    norms = {}
+    for width in (32, 256):
+        cfg = ladder_config(proxy, "width", width, 32, "metap", 1, 4e-3)
+        model = define_model(cfg, sharding(cfg))
+        loss = lambda p: training_loss(bind(model, p)(batch["inputs"], batch["positions"], batch["segment_ids"]),  # noqa: E731
+                                       batch, cfg.train)[0]
+        grads = jax.jit(jax.grad(loss))(initializer(cfg, model, sharding(cfg))(0))
+        sq = [float(jnp.sum(jnp.square(g))) for g in jax.tree.leaves(grads)]
+        weights = [r.clip_weight for r in jax.tree.leaves(model.rules, is_leaf=IS_RULE)]
+        norms[width] = math.sqrt(sum(sq)), math.sqrt(sum(w * s for w, s in zip(weights, sq)))
+    plain, weighted = (norms[256][i] / norms[32][i] for i in (0, 1))
+    assert plain < 0.75 and 0.8 < weighted < 1.2, (plain, weighted)
+
+
 def test_optimizer_equals_optax_adamw_under_standard_parametrization():
-    cfg = small_config("train.grad_clip=null", "optim.weight_decay=0.1")
+    cfg = small_config("train.grad_clip=0.5", "optim.weight_decay=0.1")
     model = define_model(cfg, sharding(cfg))
     params = init_params(cfg, model, sharding(cfg))
     grads = jax.tree.map(lambda p: jnp.sin(p * 7.0), params)
+    assert float(optax.global_norm(grads)) > 0.5  # the clip acts
     schedule = make_schedule(cfg.optim, 100)
     ours = build_optimizer(cfg, model.rules, schedule)
     mask = jax.tree.map(lambda r: r.role != "vector", model.rules, is_leaf=IS_RULE)
-    reference = optax.adamw(schedule, b1=cfg.optim.b1, b2=cfg.optim.b2, eps=cfg.optim.eps,
-                            weight_decay=cfg.optim.weight_decay, mask=mask)
+    reference = optax.chain(optax.clip_by_global_norm(0.5),
+                            optax.adamw(schedule, b1=cfg.optim.b1, b2=cfg.optim.b2, eps=cfg.optim.eps,
+                                        weight_decay=cfg.optim.weight_decay, mask=mask))
     s1, s2 = ours.init(params), reference.init(params)
     for _ in range(3):
         u1, s1 = ours.update(grads, s1, params)
@@ -347,6 +391,11 @@ def test_drift_measures_how_far_the_optimum_moves(tmp_path, hparam):
     # (a little more: interpolated between grid points); the MetaP curves lose nothing.
     assert groups["metap.parametrization=standard"]["curves"][-1]["loss_penalty_at_proxy_lr"] == pytest.approx(0.08, abs=0.003)
     assert max(c["loss_penalty_at_proxy_lr"] for c in groups["metap.parametrization=metap"]["curves"]) < 0.002
+    # A pooled sweep that does not vary the scaled key has no place on its axis: refused, by name.
+    (tmp_path / "one_width").mkdir()
+    (tmp_path / "one_width" / "sweep.json").write_text(json.dumps({"swept": [hparam, "seed"], "runs": {}}))
+    with pytest.raises(ConfigError, match="one_width: 'model.d_model' is not swept"):
+        report([tmp_path, tmp_path / "one_width"], "model.d_model", "metap.parametrization", hparam=hparam)
 
 
 def test_regret_compares_the_transferred_run_with_the_best_direct_point(tmp_path):

@@ -64,7 +64,7 @@ def test_rerunning_the_command_resumes(trained):
     assert meta["data"] == {"step": 30, "iterator_start": 20, "iterator": {"next_index": 10}}
     assert meta["seed"] == 0 and "n_layers: 4" in meta["config"]
     assert meta["metap"]["lm_head"] == {"role": "readout", "ratio": 1.0, "init_std": 0.02, "lr_multiplier": 1.0,
-                                        "weight_decay": 0.1, "adam_eps": 1e-8, "peak_lr": 1e-2}
+                                        "weight_decay": 0.1, "adam_eps": 1e-8, "clip_weight": 1.0, "peak_lr": 1e-2}
     assert (run_dir / "metap.yaml").exists()
     checkpointer.close()
 

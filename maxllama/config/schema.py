@@ -222,6 +222,9 @@ class MetaPExponents(Section):
     output: float = Field(1.0, description="Logits and router logits x m_d^-output.")
     eps: float = Field(1.0, description="Adam eps x m_d^-eps (gradients shrink with width).")
     attention: float = Field(1.0, description="Attention logits x head_dim^-attention (1: muP; 0.5: standard).")
+    clip_norm: float = Field(1.0, description="The norm train.grad_clip bounds counts the squared gradient of every "
+                                              "non-hidden parameter x m^clip_norm (those gradients shrink as m^-1/2 "
+                                              "with width, the hidden ones' do not); 0: the plain global norm.")
 
 
 class MetaPConfig(Section):

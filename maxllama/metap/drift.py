@@ -113,16 +113,14 @@ def drifts(sweep_dirs: list[Path], key: str, split: str | None, metric: str = "f
            hparam: str = "optim.lr") -> list[Drift]:
     """Runs of one or more sweeps; `split`: comma-separated swept keys, one group (one drift) per combination
     of their values."""
-    rows, swept = [], set()
-    for sweep_dir in sweep_dirs:
-        more, keys = collect(sweep_dir)
-        rows += more
-        swept.update(keys)
-    sweep_dir = ", ".join(map(str, sweep_dirs))
     split_keys = [k for k in (split or "").split(",") if k]
-    for needed in (hparam, key, *split_keys):
-        if needed not in swept:
-            raise ConfigError(f"{sweep_dir}: '{needed}' is not swept (swept: {', '.join(sorted(swept))})")
+    rows = []
+    for sweep_dir in sweep_dirs:  # each pooled sweep must vary every key, or its runs have no place on the axes
+        more, swept = collect(sweep_dir)
+        for needed in (hparam, key, *split_keys):
+            if needed not in swept:
+                raise ConfigError(f"{sweep_dir}: '{needed}' is not swept (swept: {', '.join(sorted(swept))})")
+        rows += more
     # group -> scaled value -> seed -> {lr: loss}
     points: dict[Any, dict[Any, dict[Any, dict[float, float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     for n, row in enumerate(rows):

@@ -83,6 +83,7 @@ class ParamRule:
     lr_multiplier: float  # x optim.lr (x the schedule)
     weight_decay: float  # decoupled, x the parameter's learning rate
     adam_eps: float
+    clip_weight: float = 1.0  # x this parameter's squared gradient norm in the norm that gradient clipping bounds
 
     def peak_lr(self, cfg: Config) -> float:
         return cfg.optim.lr * self.lr_multiplier
@@ -123,4 +124,9 @@ def param_rule(cfg: Config, role: Role, ratio: float, *, in_branch: bool, query:
     }[role]
     if query and mp.zero_init_query:
         init_std = 0.0
-    return ParamRule(role, ratio, init_std, lr_multiplier, weight_decay, eps)
+    # Under muP the gradient of a hidden matrix keeps its norm as width grows, while every other parameter's
+    # shrinks as m^-1/2 (an m_d^-1 gradient per entry over m_d x more entries). The plain global norm is thus
+    # dominated by the embedding and readout at the proxy and by the hidden matrices at the target, and one
+    # threshold would clip the two differently; weighting restores the proxy's norm at every width.
+    clip_weight = 1.0 if role == "hidden" else ratio ** e.clip_norm
+    return ParamRule(role, ratio, init_std, lr_multiplier, weight_decay, eps, clip_weight)

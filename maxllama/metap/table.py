@@ -20,7 +20,7 @@ def _rules(model) -> dict[str, ParamRule]:
 
 
 def per_parameter(cfg: Config, model) -> dict[str, dict[str, Any]]:
-    """{path: {role, ratio, init_std, peak_lr, weight_decay, adam_eps, lr_multiplier}}."""
+    """{path: {role, ratio, init_std, peak_lr, weight_decay, adam_eps, lr_multiplier, clip_weight}}."""
     return {path: {**dataclasses.asdict(rule), "peak_lr": rule.peak_lr(cfg)} for path, rule in _rules(model).items()}
 
 
@@ -39,8 +39,8 @@ def groups(cfg: Config, model) -> dict[str, dict[str, Any]]:
     for (name, rule), paths in sorted(members.items(), key=lambda kv: (kv[0][0], -len(kv[1]))):
         name = name if name not in out else f"{name} ({paths[0]})"
         out[name] = {"init_std": rule.init_std, "peak_lr": rule.peak_lr(cfg), "lr_multiplier": rule.lr_multiplier,
-                     "weight_decay": rule.weight_decay, "adam_eps": rule.adam_eps, "ratio": rule.ratio,
-                     "parameters": paths}
+                     "weight_decay": rule.weight_decay, "adam_eps": rule.adam_eps, "clip_weight": rule.clip_weight,
+                     "ratio": rule.ratio, "parameters": paths}
     return out
 
 
@@ -54,7 +54,7 @@ def summary(cfg: Config, model) -> dict[str, Any]:
                         "router": p.router_multiplier, "residual": p.residual_multiplier,
                         "attention_scale": p.attention_scale},
         "optim": {"lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay, "eps": cfg.optim.eps,
-                  "schedule": cfg.optim.schedule},
+                  "schedule": cfg.optim.schedule, "grad_clip": cfg.train.grad_clip},
         "groups": groups(cfg, model),
     }
 
@@ -68,9 +68,10 @@ def format_summary(info: dict[str, Any]) -> str:
     lines = [f"parametrization: {info['parametrization']}",
              "ratios to the proxy: " + ", ".join(f"{k} {v:g}" for k, v in r.items()),
              "forward multipliers: " + ", ".join(f"{k} {v:.4g}" for k, v in mult.items()), ""]
-    header = ("group", "params", "init std", "peak LR", "LR mult", "weight decay", "Adam eps")
+    header = ("group", "params", "init std", "peak LR", "LR mult", "weight decay", "Adam eps", "clip weight")
     rows = [(name, str(len(g["parameters"])), "ones" if g["init_std"] is None else f"{g['init_std']:.4g}",
-             f"{g['peak_lr']:.4g}", f"{g['lr_multiplier']:.4g}", f"{g['weight_decay']:.4g}", f"{g['adam_eps']:.3g}")
+             f"{g['peak_lr']:.4g}", f"{g['lr_multiplier']:.4g}", f"{g['weight_decay']:.4g}", f"{g['adam_eps']:.3g}",
+             f"{g['clip_weight']:g}")
             for name, g in info["groups"].items()]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]

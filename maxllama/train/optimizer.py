@@ -1,6 +1,6 @@
 """AdamW as one optax chain whose every per-parameter number comes from the parameter's MetaP rule.
 
-clip -> Adam (per-parameter eps) -> decoupled weight decay (per-parameter rate) -> per-parameter LR
+clip (a per-parameter weighted global norm) -> Adam (per-parameter eps) -> decoupled weight decay (per-parameter rate) -> per-parameter LR
 multiplier -> -schedule. The rules are static trees, so MetaP changes numbers, never the structure of the
 optimizer (or of its checkpointed state: the same moments as optax's Adam).
 """
@@ -25,6 +25,20 @@ def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
     def update(updates, state, params=None):
         del params
         return jax.tree.map(lambda u, m: u * m, updates, multipliers), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def clip_by_weighted_global_norm(max_norm: float, weights: Any) -> optax.GradientTransformation:
+    """Scale all gradients by min(1, max_norm / sqrt(sum_p w_p |g_p|^2)): optax.clip_by_global_norm when every
+    static weight w_p is 1. MetaP sets the weights so the norm means the same at every width."""
+
+    def update(updates, state, params=None):
+        del params
+        sq = jax.tree.map(lambda g, w: w * jnp.sum(jnp.square(g.astype(jnp.float32))), updates, weights)
+        norm = jnp.sqrt(sum(jax.tree.leaves(sq)))
+        scale = jnp.minimum(1.0, max_norm / norm)
+        return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -64,7 +78,7 @@ def build_optimizer(cfg: Config, rules: Any, schedule: optax.Schedule) -> optax.
     field = lambda name: jax.tree.map(lambda r: getattr(r, name), rules, is_leaf=IS_RULE)  # noqa: E731
     chain = []
     if cfg.train.grad_clip is not None:
-        chain.append(optax.clip_by_global_norm(cfg.train.grad_clip))
+        chain.append(clip_by_weighted_global_norm(cfg.train.grad_clip, field("clip_weight")))
     chain += [
         scale_by_adam_per_param_eps(cfg.optim.b1, cfg.optim.b2, field("adam_eps")),
         add_decayed_weights_per_param(field("weight_decay")),
