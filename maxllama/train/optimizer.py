@@ -1,8 +1,8 @@
 """AdamW as one optax chain whose every per-parameter number comes from the parameter's MetaP rule.
 
-clip (a per-parameter weighted global norm) -> Adam (per-parameter eps) -> decoupled weight decay (per-parameter rate) -> per-parameter LR
-multiplier -> -schedule. The rules are static trees, so MetaP changes numbers, never the structure of the
-optimizer (or of its checkpointed state: the same moments as optax's Adam).
+clip (a global norm with per-parameter weights) -> Adam (per-parameter eps) -> decoupled weight decay
+(per-parameter rate) -> per-parameter LR multiplier -> -schedule. The rules are static trees, so MetaP changes
+numbers, never the structure of the optimizer (or of its checkpointed state: the same moments as optax's Adam).
 """
 
 from __future__ import annotations
