@@ -43,9 +43,10 @@ def test_metrics_rows_follow_the_run_directory_contract(trained):
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 31))  # one row per step, none lost or repeated on resume
     for row in rows:
-        for key in ["loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "load_balance_loss",
+        for key in ["loss", "learning_rate", "grad_norm", "clip_norm", "tokens_per_s", "mfu", "load_balance_loss",
                     "router_z_loss", "expert_load_max", "documents", "padding_fraction", "data_wait_s"]:
             assert np.isfinite(row[key]), key
+        assert row["clip_norm"] == pytest.approx(row["grad_norm"], rel=1e-5)  # standard parametrization: weights 1
     assert {r["step"] for r in rows if "val_loss" in r} == {10, 20, 30}
     assert (run_dir / "config.yaml").exists()
     assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tensorboard").iterdir())

@@ -29,15 +29,23 @@ def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def clip_weights(rules: Any) -> Any:
+    return jax.tree.map(lambda r: r.clip_weight, rules, is_leaf=IS_RULE)
+
+
+def weighted_global_norm(grads: Any, weights: Any) -> jax.Array:
+    """sqrt(sum_p w_p |g_p|^2): the global norm when every static weight w_p is 1."""
+    return jnp.sqrt(sum(jax.tree.leaves(jax.tree.map(lambda g, w: w * jnp.sum(jnp.square(g.astype(jnp.float32))),
+                                                     grads, weights))))
+
+
 def clip_by_weighted_global_norm(max_norm: float, weights: Any) -> optax.GradientTransformation:
-    """Scale all gradients by min(1, max_norm / sqrt(sum_p w_p |g_p|^2)): optax.clip_by_global_norm when every
-    static weight w_p is 1. MetaP sets the weights so the norm means the same at every width."""
+    """Scale all gradients by min(1, max_norm / weighted_global_norm): optax.clip_by_global_norm when every
+    weight is 1. MetaP sets the weights so the norm means the same at every width."""
 
     def update(updates, state, params=None):
         del params
-        sq = jax.tree.map(lambda g, w: w * jnp.sum(jnp.square(g.astype(jnp.float32))), updates, weights)
-        norm = jnp.sqrt(sum(jax.tree.leaves(sq)))
-        scale = jnp.minimum(1.0, max_norm / norm)
+        scale = jnp.minimum(1.0, max_norm / weighted_global_norm(updates, weights))
         return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
@@ -78,7 +86,7 @@ def build_optimizer(cfg: Config, rules: Any, schedule: optax.Schedule) -> optax.
     field = lambda name: jax.tree.map(lambda r: getattr(r, name), rules, is_leaf=IS_RULE)  # noqa: E731
     chain = []
     if cfg.train.grad_clip is not None:
-        chain.append(clip_by_weighted_global_norm(cfg.train.grad_clip, field("clip_weight")))
+        chain.append(clip_by_weighted_global_norm(cfg.train.grad_clip, clip_weights(rules)))
     chain += [
         scale_by_adam_per_param_eps(cfg.optim.b1, cfg.optim.b2, field("adam_eps")),
         add_decayed_weights_per_param(field("weight_decay")),

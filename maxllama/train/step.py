@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from maxllama.config.schema import Config
 from maxllama.model.build import ModelDef, bind
 from maxllama.train.loss import next_token_nll, training_loss
+from maxllama.train.optimizer import clip_weights, weighted_global_norm
 
 
 class TrainState(NamedTuple):
@@ -26,6 +27,8 @@ def train_step_fn(cfg: Config, model: ModelDef, optimizer: optax.GradientTransfo
         out = bind(model, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
         return training_loss(out, batch, cfg.train)
 
+    weights = clip_weights(model.rules)
+
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         (total, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
         grad_norm = optax.global_norm(grads)
@@ -35,7 +38,8 @@ def train_step_fn(cfg: Config, model: ModelDef, optimizer: optax.GradientTransfo
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                          (params, opt_state), (state.params, state.opt_state))
-        metrics |= {"grad_norm": grad_norm, "learning_rate": schedule(state.step),
+        metrics |= {"grad_norm": grad_norm, "clip_norm": weighted_global_norm(grads, weights),
+                    "learning_rate": schedule(state.step),
                     "nonfinite": 1.0 - finite.astype(jnp.float32)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
