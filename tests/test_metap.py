@@ -21,7 +21,7 @@ from maxllama.model.build import define_model, flat_paths, init_params
 from maxllama.model.decoder import in_residual_branch
 from maxllama.parallel.mesh import build_mesh
 from maxllama.parallel.rules import LogicalSharding
-from maxllama.train.optimizer import IS_RULE, build_optimizer, clip_by_weighted_global_norm, clip_weights
+from maxllama.train.optimizer import IS_RULE, build_optimizer, clip_by_weighted_global_norm, rule_field
 from maxllama.train.schedules import make_schedule
 from tests.conftest import small_config
 
@@ -181,7 +181,7 @@ def test_clipping_bounds_the_weighted_norm(metap_model):
     cfg, model, rules = metap_model
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), model.abstract_params)
     grads = jax.tree.map(lambda s: jnp.full(s.shape, 1 / math.sqrt(math.prod(s.shape)), s.dtype), model.abstract_params)
-    clip = clip_by_weighted_global_norm(cfg.train.grad_clip, clip_weights(model.rules))
+    clip = clip_by_weighted_global_norm(cfg.train.grad_clip, rule_field(model.rules, "clip_weight"))
     clipped = flat_paths(clip.update(grads, clip.init(params), params)[0])
     scale = cfg.train.grad_clip / math.sqrt(sum(r.clip_weight for r in rules.values()))
     assert sum(r.clip_weight != 1 for r in rules.values()) >= 5  # the weights are not all 1 here

@@ -29,8 +29,9 @@ def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def clip_weights(rules: Any) -> Any:
-    return jax.tree.map(lambda r: r.clip_weight, rules, is_leaf=IS_RULE)
+def rule_field(rules: Any, name: str) -> Any:
+    """The tree of one ParamRule field (e.g. 'lr_multiplier', 'clip_weight'), shaped like the params."""
+    return jax.tree.map(lambda r: getattr(r, name), rules, is_leaf=IS_RULE)
 
 
 def weighted_global_norm(grads: Any, weights: Any) -> jax.Array:
@@ -83,14 +84,13 @@ def add_decayed_weights_per_param(rates: Any) -> optax.GradientTransformation:
 
 def build_optimizer(cfg: Config, rules: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
     """`rules`: a tree shaped like the params whose leaves are ParamRules (`ModelDef.rules`)."""
-    field = lambda name: jax.tree.map(lambda r: getattr(r, name), rules, is_leaf=IS_RULE)  # noqa: E731
     chain = []
     if cfg.train.grad_clip is not None:
-        chain.append(clip_by_weighted_global_norm(cfg.train.grad_clip, clip_weights(rules)))
+        chain.append(clip_by_weighted_global_norm(cfg.train.grad_clip, rule_field(rules, "clip_weight")))
     chain += [
-        scale_by_adam_per_param_eps(cfg.optim.b1, cfg.optim.b2, field("adam_eps")),
-        add_decayed_weights_per_param(field("weight_decay")),
-        scale_by_tree(field("lr_multiplier")),
+        scale_by_adam_per_param_eps(cfg.optim.b1, cfg.optim.b2, rule_field(rules, "adam_eps")),
+        add_decayed_weights_per_param(rule_field(rules, "weight_decay")),
+        scale_by_tree(rule_field(rules, "lr_multiplier")),
         optax.scale_by_learning_rate(schedule),
     ]
     return optax.chain(*chain)

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from maxllama.config.schema import Config
 from maxllama.model.build import ModelDef, bind
 from maxllama.train.loss import next_token_nll, training_loss
-from maxllama.train.optimizer import clip_weights, weighted_global_norm
+from maxllama.train.optimizer import rule_field, weighted_global_norm
 
 
 class TrainState(NamedTuple):
@@ -27,7 +27,7 @@ def train_step_fn(cfg: Config, model: ModelDef, optimizer: optax.GradientTransfo
         out = bind(model, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
         return training_loss(out, batch, cfg.train)
 
-    weights = clip_weights(model.rules)
+    weights = rule_field(model.rules, "clip_weight")
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         (total, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
