@@ -257,6 +257,9 @@ def cmd_sweep_plan(ns: argparse.Namespace) -> int:
 
 
 def cmd_sweep_run(ns: argparse.Namespace) -> int:
+    import signal
+
+    from maxllama.checkpoint.preemption import PREEMPTED_EXIT_CODE
     from maxllama.sweep.executors import run_local, run_slurm
     from maxllama.sweep.spec import load_sweep
     sweep = load_sweep(ns.file)  # validates every run's config before anything starts
@@ -269,6 +272,12 @@ def cmd_sweep_run(ns: argparse.Namespace) -> int:
     if executor["type"] != "local":
         raise UserError(f"executor.type: unknown executor '{executor['type']}' (local, slurm)")
     manifest = run_local(sweep, sweep_dir, int(executor.get("parallel", 1)), progress=not ns.quiet)
+    if manifest["stopped_by"] is not None:
+        stopped = [name for name, run in manifest["runs"].items() if run["status"] == "stopped"]
+        print(f"sweep stopped by {signal.Signals(manifest['stopped_by']).name}: {len(stopped)} running runs saved "
+              f"their step and stopped; no further run started. Resume with: maxllama sweep run {ns.file}"
+              f"{f' --dir {ns.dir}' if ns.dir else ''}")
+        return PREEMPTED_EXIT_CODE
     failed = [name for name, run in manifest["runs"].items() if run["status"] == "failed"]
     print(f"{len(manifest['runs']) - len(failed)} of {len(manifest['runs'])} runs finished; "
           f"{len(failed)} failed{': ' + ', '.join(failed) if failed else ''}")

@@ -317,7 +317,6 @@ def test_transfer_warns_at_the_edge_and_with_one_seed(tmp_path):
 def test_transfer_cli_writes_metap_yaml_that_a_target_loads(tmp_path):
     sweep = synthetic_sweep(tmp_path / "sweep", [(8, 600)], lambda b, s: 3e-3)
     out = tmp_path / "metap.yaml"
-    target = ["experiments/metap/proxy.yaml", "--target"]
     result = subprocess.run([sys.executable, "-m", "maxllama", "metap", "transfer", str(sweep), "--out", str(out),
                              "--target", "experiments/metap/proxy.yaml"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -330,7 +329,6 @@ def test_transfer_cli_writes_metap_yaml_that_a_target_loads(tmp_path):
     assert cfg.metap.base.d_model == 32 and cfg.model.d_model == 128
     override, _ = load_config("experiments/metap/proxy.yaml", [f"metap.from={out}", "optim.lr=0.5"])
     assert override.optim.lr == 0.5  # the command line still wins
-    del target
 
 
 def test_metap_from_errors_name_the_key(tmp_path):

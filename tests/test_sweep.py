@@ -185,3 +185,41 @@ def test_slurm_dry_run_prints_a_job_array(tmp_path):
     assert "#SBATCH --gpus=8" in script and "#SBATCH --time=02:00:00" in script
     assert f"sweep run-one {sweep_file}" in script and '--index "$SLURM_ARRAY_TASK_ID"' in script
     assert (tmp_path / "out" / "sweep.sbatch").read_text().strip() == script.strip()
+
+
+def test_a_signalled_sweep_stops_its_runs_as_preemption_and_starts_no_more(tmp_path):
+    """SIGTERM to `sweep run` (a scheduler's kill, or Ctrl-C passed on): each running run saves its step and
+    exits, the runs not yet started stay pending, and no train process outlives the sweep."""
+    import signal
+    import time
+
+    import yaml
+    from maxllama.config.loader import parse_scalar
+    overrides = {o.split("=")[0]: parse_scalar(o.split("=")[1]) for o in SMALL_MODEL}
+    overrides |= {"train.steps": 100000, "train.log_every": 1, "train.eval_every": 100000, "checkpoint.every_steps": 100000,
+                  "logging.tensorboard": False}
+    (tmp_path / "base.yaml").write_text("model:\n  d_model: 32\n")
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({"base": "base.yaml", "name": "lr{optim.lr}", "overrides": overrides,
+                                          "grid": {"optim.lr": [1e-3, 2e-3, 3e-3]},
+                                          "executor": {"type": "local", "parallel": 2}}))
+    out = tmp_path / "out"
+    sweep = subprocess.Popen([sys.executable, "-m", "maxllama", "sweep", "run", str(sweep_file), "--dir", str(out),
+                              "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = [out / "runs" / name for name in ("lr0.001", "lr0.002", "lr0.003")]
+    deadline = time.time() + 600
+    while not all((r / "metrics.jsonl").exists() and (r / "metrics.jsonl").stat().st_size for r in runs[:2]):
+        assert sweep.poll() is None and time.time() < deadline, sweep.communicate()[0]
+        time.sleep(0.5)
+    sweep.send_signal(signal.SIGTERM)
+    output = sweep.communicate(timeout=300)[0]
+    assert sweep.returncode == 75, output
+    assert "Resume with: maxllama sweep run" in output
+    manifest = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [manifest[r.name]["status"] for r in runs] == ["stopped", "stopped", "pending"]
+    assert not runs[2].exists()
+    for run in runs[:2]:
+        assert "saved step" in (run / "train.log").read_text()
+        assert list((run / "checkpoints").iterdir())
+    survivors = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert not survivors, f"train processes outlived the sweep: {survivors}"

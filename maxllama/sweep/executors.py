@@ -1,13 +1,16 @@
 """Run a sweep's runs: locally (N at a time, each pinned to its share of the CPU cores) or as a SLURM job
 array. The sweep directory holds one run directory per run and `sweep.json`, the manifest of every run's
 status, exit code and error. Running a sweep again skips finished runs and resumes unfinished ones (each run
-resumes from its own checkpoints)."""
+resumes from its own checkpoints). SIGTERM or SIGINT to a local sweep stops it the way a run stops: every running
+run gets one SIGTERM, saves its step and exits; no further run starts."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -16,6 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from maxllama.checkpoint.preemption import PREEMPTED_EXIT_CODE
 from maxllama.config import ConfigError, load_config
 from maxllama.config.loader import flatten
 from maxllama.config.schema import Config
@@ -94,8 +98,58 @@ def _core_slots(parallel: int) -> list[set[int]]:
     return [set(cores[(i * per) % len(cores):(i * per) % len(cores) + per]) for i in range(parallel)]
 
 
+class Children:
+    """The train processes a local sweep is running. Each runs in its own session, so a Ctrl-C at the terminal
+    reaches the sweep alone, and the sweep passes it on as exactly one SIGTERM per run: a second signal would
+    cut a run's final save short. A second signal to the sweep itself acts as if it had not intervened."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen] = set()
+        self.stopped_by: int | None = None
+
+    def run(self, command: list[str], **popen) -> int:
+        child = subprocess.Popen(command, start_new_session=True, **popen)
+        with self.lock:
+            self.running.add(child)
+            if self.stopped_by is not None:  # the signal came while this run was starting
+                child.terminate()
+        try:
+            return child.wait()
+        finally:
+            with self.lock:
+                self.running.discard(child)
+
+    def stop(self, signum: int, frame=None) -> None:
+        self.stopped_by = signum
+        with self.lock:
+            for child in self.running:
+                child.terminate()
+
+    @contextlib.contextmanager
+    def stop_on_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals can only be handled on the main thread
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def handle(signum, frame):
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.stop(signum)
+
+        for sig in previous:
+            signal.signal(sig, handle)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
 def run_local(sweep: Sweep, sweep_dir: Path, parallel: int = 1, progress: bool = True, log=print) -> dict:
-    """Run every unfinished run, `parallel` at a time; returns the manifest."""
+    """Run every unfinished run, `parallel` at a time; returns the manifest, whose `stopped_by` names the
+    signal that stopped the sweep early (None when it ran to the end)."""
     manifest = Manifest(sweep, sweep_dir)
     todo = []
     for run in sweep.runs:
@@ -109,8 +163,11 @@ def run_local(sweep: Sweep, sweep_dir: Path, parallel: int = 1, progress: bool =
     free = list(range(parallel))
     free_lock = threading.Lock()
     bar = tqdm(total=len(sweep.runs), initial=len(sweep.runs) - len(todo), unit="run", disable=not progress)
+    children = Children()
 
     def execute(run: Run) -> None:
+        if children.stopped_by is not None:
+            return
         with free_lock:
             slot = free.pop()
         cores = slots[slot]
@@ -119,10 +176,13 @@ def run_local(sweep: Sweep, sweep_dir: Path, parallel: int = 1, progress: bool =
         directory.mkdir(parents=True, exist_ok=True)
         with open(directory / "train.log", "a") as out:
             preexec = (lambda: os.sched_setaffinity(0, cores)) if hasattr(os, "sched_setaffinity") else None
-            code = subprocess.run(train_command(sweep, sweep_dir, run), stdout=out, stderr=subprocess.STDOUT,
-                                  preexec_fn=preexec).returncode
+            code = children.run(train_command(sweep, sweep_dir, run), stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=preexec)
         if code == 0:
             manifest.update(run.name, status="done", exit_code=0, error=None)
+        elif children.stopped_by is not None and code in (PREEMPTED_EXIT_CODE, -signal.SIGTERM):
+            # 75: it saved its step; -SIGTERM: it was still starting up, with nothing to save yet
+            manifest.update(run.name, status="stopped", exit_code=code, error=None)
         else:
             tail = (directory / "train.log").read_text().strip().splitlines()[-5:]
             manifest.update(run.name, status="failed", exit_code=code, error="\n".join(tail))
@@ -131,10 +191,10 @@ def run_local(sweep: Sweep, sweep_dir: Path, parallel: int = 1, progress: bool =
             free.append(slot)
         bar.update(1)
 
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
+    with children.stop_on_signals(), ThreadPoolExecutor(max_workers=parallel) as pool:
         list(pool.map(execute, todo))
     bar.close()
-    return manifest.data
+    return manifest.data | {"stopped_by": children.stopped_by}
 
 
 def slurm_script(sweep: Sweep, sweep_dir: Path, executor: dict) -> str:
