@@ -223,3 +223,17 @@ def test_a_signalled_sweep_stops_its_runs_as_preemption_and_starts_no_more(tmp_p
         assert list((run / "checkpoints").iterdir())
     survivors = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
     assert not survivors, f"train processes outlived the sweep: {survivors}"
+
+
+def test_every_shipped_sweep_expands_to_valid_runs():
+    """A typo in a sweep file under experiments/ would otherwise surface hours into `make metap-all`."""
+    import yaml
+    from pathlib import Path
+    sweeps = [p for p in sorted(Path("experiments").rglob("*.yaml"))
+              if isinstance(doc := yaml.safe_load(p.read_text()), dict) and "base" in doc and doc.keys() & {"grid", "zip", "random"}]
+    assert len(sweeps) >= 15
+    for path in sweeps:
+        try:
+            assert load_sweep(path).runs, path  # load_sweep validates every run's config
+        except ConfigError as e:  # the end-to-end sweeps start from what `metap transfer` writes first
+            assert "metap.from: file not found: runs/metap/" in str(e), e
