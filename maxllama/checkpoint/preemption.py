@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 PREEMPTED_EXIT_CODE = 75
 
@@ -43,7 +43,9 @@ class PreemptionRequest:
 
 
 @contextlib.contextmanager
-def preemption_signals() -> Iterator[PreemptionRequest]:
+def preemption_signals(on_signal: Callable[[int], None] | None = None) -> Iterator[PreemptionRequest]:
+    """Record the first SIGTERM/SIGINT in the yielded request (and pass it to `on_signal`, for a caller that must
+    act at once rather than between steps)."""
     request = PreemptionRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request  # signals can only be handled on the main thread
@@ -54,6 +56,8 @@ def preemption_signals() -> Iterator[PreemptionRequest]:
         request.signal = signum
         for sig, handler in previous.items():  # a second signal acts as if we had never intervened
             signal.signal(sig, handler)
+        if on_signal is not None:
+            on_signal(signum)
 
     for sig in previous:
         signal.signal(sig, handle)

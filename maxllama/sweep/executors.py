@@ -6,7 +6,6 @@ run gets one SIGTERM, saves its step and exits; no further run starts."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from maxllama.checkpoint.preemption import PREEMPTED_EXIT_CODE
+from maxllama.checkpoint.preemption import PREEMPTED_EXIT_CODE, preemption_signals
 from maxllama.config import ConfigError, load_config
 from maxllama.config.loader import flatten
 from maxllama.config.schema import Config
@@ -120,31 +119,11 @@ class Children:
             with self.lock:
                 self.running.discard(child)
 
-    def stop(self, signum: int, frame=None) -> None:
+    def stop(self, signum: int) -> None:
         self.stopped_by = signum
         with self.lock:
             for child in self.running:
                 child.terminate()
-
-    @contextlib.contextmanager
-    def stop_on_signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signals can only be handled on the main thread
-            return
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-        def handle(signum, frame):
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            self.stop(signum)
-
-        for sig in previous:
-            signal.signal(sig, handle)
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
 
 def run_local(sweep: Sweep, sweep_dir: Path, parallel: int = 1, progress: bool = True, log=print) -> dict:
@@ -191,7 +170,7 @@ def run_local(sweep: Sweep, sweep_dir: Path, parallel: int = 1, progress: bool =
             free.append(slot)
         bar.update(1)
 
-    with children.stop_on_signals(), ThreadPoolExecutor(max_workers=parallel) as pool:
+    with preemption_signals(on_signal=children.stop), ThreadPoolExecutor(max_workers=parallel) as pool:
         list(pool.map(execute, todo))
     bar.close()
     return manifest.data | {"stopped_by": children.stopped_by}
