@@ -221,7 +221,14 @@ def test_a_signalled_sweep_stops_its_runs_as_preemption_and_starts_no_more(tmp_p
     for run in runs[:2]:
         assert "saved step" in (run / "train.log").read_text()
         assert list((run / "checkpoints").iterdir())
-    survivors = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    from pathlib import Path
+
+    def cmdline(path):
+        try:
+            return path.read_bytes()
+        except OSError:  # the process ended meanwhile
+            return b""
+    survivors = [p.parent.name for p in Path("/proc").glob("[0-9]*/cmdline") if str(out).encode() in cmdline(p)]
     assert not survivors, f"train processes outlived the sweep: {survivors}"
 
 
