@@ -353,25 +353,37 @@ def test_metap_show_prints_every_group():
     assert "output 0.25" in result.stdout and "lm_head" in result.stdout
 
 
+def drift_sweep(path, optimum, seeds, hparam="optim.lr", params=("standard", "metap"), widths=(32, 64, 128)):
+    """A sweep directory of quadratic loss-vs-log2(LR) curves: optimum(param, d, seed) -> log2 LR*, seeds(d)."""
+    runs = {}
+    for param in params:
+        for d in widths:
+            for lr in [2.0 ** k for k in range(-12, -2)]:
+                for seed in seeds(d):
+                    loss = 2.0 + 0.04 * (math.log2(lr) - optimum(param, d, seed)) ** 2
+                    name = f"{param}_d{d}_lr{lr:g}_s{seed}"
+                    (path / "runs" / name).mkdir(parents=True)
+                    (path / "runs" / name / "metrics.jsonl").write_text(json.dumps({"step": 1, "val_loss": loss}))
+                    runs[name] = {"overrides": {"metap.parametrization": param, "model.d_model": d, hparam: lr,
+                                                "seed": seed}, "status": "done"}
+    (path / "sweep.json").write_text(json.dumps({"swept": ["metap.parametrization", "model.d_model", hparam, "seed"],
+                                                 "runs": runs}))
+    return path
+
+
 @pytest.mark.parametrize("hparam", ["optim.lr", "metap.lr_readout"])
 def test_drift_measures_how_far_the_optimum_moves(tmp_path, hparam):
     """SP-like curves whose optimum halves per doubling of width, MetaP-like ones whose optimum stays put (its two
-    seeds' optima an octave apart: the mean curve does not move, but seed resamples of it do)."""
+    seeds' optima an octave apart, the other way round at width 64: the mean curve does not move, but seed
+    resamples of it do)."""
     from maxllama.metap.drift import report
-    runs = {}
-    for param, shift in (("standard", -1.0), ("metap", 0.0)):
-        for d in (32, 64, 128):
-            for lr in [2.0 ** k for k in range(-12, -2)]:
-                for seed in (0, 1):
-                    opt = math.log2(4e-3) + shift * math.log2(d / 32) + (seed - 0.5 if param == "metap" else 0.0)
-                    loss = 2.0 + 0.04 * (math.log2(lr) - opt) ** 2
-                    name = f"{param}_d{d}_lr{lr:g}_s{seed}"
-                    (tmp_path / "runs" / name).mkdir(parents=True)
-                    (tmp_path / "runs" / name / "metrics.jsonl").write_text(json.dumps({"step": 1, "val_loss": loss}))
-                    runs[name] = {"overrides": {"metap.parametrization": param, "model.d_model": d, hparam: lr,
-                                                "seed": seed}, "status": "done"}
-    (tmp_path / "sweep.json").write_text(json.dumps({"swept": ["metap.parametrization", "model.d_model", hparam, "seed"],
-                                                     "runs": runs}))
+
+    def optimum(param, d, seed):
+        if param == "standard":
+            return math.log2(4e-3) - math.log2(d / 32)
+        return math.log2(4e-3) + (seed - 0.5) * (-1 if d == 64 else 1)
+
+    drift_sweep(tmp_path, optimum, lambda d: (0, 1), hparam)
     text, png, js = report([tmp_path], "model.d_model", "metap.parametrization", hparam=hparam)
     assert f"model.d_model=32: {hparam}* 0.004" in text
     groups = {g["group"]: g for g in json.loads(js.read_text())["groups"]}
@@ -379,20 +391,37 @@ def test_drift_measures_how_far_the_optimum_moves(tmp_path, hparam):
     assert groups["metap.parametrization=standard"]["drift_log2"] == pytest.approx(2.0, abs=0.02)
     assert groups["metap.parametrization=standard"]["slope_per_doubling"] == pytest.approx(-1.0, abs=0.02)
     assert png.exists() and "drift 2.000 log2" in text
-    # Resampling seeds: a width that draws seed 0 twice has its optimum half an octave low, one that draws seed 1
-    # twice half an octave high; drift 1 needs both among the three widths (P = 1 - 2 (3/4)^3 + (1/2)^3 = 0.28).
+    # Resampling seeds (whole, at every width at once): one seed drawn twice, with probability 1/2, puts width 64
+    # an octave from the others; both seeds drawn leave the curves where they are.
     low, high = groups["metap.parametrization=metap"]["drift_log2_seed_resamples_16_84"]
-    assert low <= 0.5 + 1e-6 and high == pytest.approx(1.0, abs=1e-6)
+    assert low == pytest.approx(0.0, abs=1e-6) and high == pytest.approx(1.0, abs=1e-6)
     assert groups["metap.parametrization=standard"]["drift_log2_seed_resamples_16_84"] == pytest.approx([2.0, 2.0], abs=0.02)
     # At the proxy's LR* the standard curve 4x wider is 2 octaves off its optimum: 0.04 * 2^2 / 2.0 = 8% worse
     # (a little more: interpolated between grid points); the MetaP curves lose nothing.
     assert groups["metap.parametrization=standard"]["curves"][-1]["loss_penalty_at_proxy_lr"] == pytest.approx(0.08, abs=0.003)
     assert max(c["loss_penalty_at_proxy_lr"] for c in groups["metap.parametrization=metap"]["curves"]) < 0.002
+    assert groups["metap.parametrization=metap"]["drift_log2_common_seeds"] is None  # every width ran seeds 0, 1
     # A pooled sweep that does not vary the scaled key has no place on its axis: refused, by name.
     (tmp_path / "one_width").mkdir()
     (tmp_path / "one_width" / "sweep.json").write_text(json.dumps({"swept": [hparam, "seed"], "runs": {}}))
     with pytest.raises(ConfigError, match="one_width: 'model.d_model' is not swept"):
         report([tmp_path, tmp_path / "one_width"], "model.d_model", "metap.parametrization", hparam=hparam)
+
+
+def test_drift_compares_curves_on_the_seeds_they_all_ran(tmp_path):
+    """No true drift, but each seed's luck moves every width alike, and width 32 ran two luckier seeds more: the
+    pooled optima drift 0.5 octave, the common seeds' not at all, and no resample of shared luck makes any."""
+    from maxllama.metap.drift import report
+    luck = {0: -0.5, 1: 0.0, 2: 0.5, 3: 1.0}
+    drift_sweep(tmp_path, lambda param, d, seed: -8 + luck[seed], lambda d: (0, 1, 2, 3) if d == 32 else (0, 1),
+                params=("metap",))
+    text, _, js = report([tmp_path], "model.d_model", "metap.parametrization")
+    (group,) = json.loads(js.read_text())["groups"]
+    assert group["drift_log2"] == pytest.approx(0.5, abs=1e-6)
+    assert group["common_seeds"] == [0, 1] and group["drift_log2_common_seeds"] == pytest.approx(0.0, abs=1e-6)
+    assert group["log2_lr_opt_common_seeds"] == pytest.approx([-8.25] * 3, abs=1e-6)
+    assert "on the seeds every model.d_model ran (0, 1): drift 0.000" in text
+    assert "averaged different seeds" in text
 
 
 def test_regret_compares_the_transferred_run_with_the_best_direct_point(tmp_path):

@@ -6,8 +6,10 @@ the seed-averaged final loss against log2(hyperparameter) gets a parabola throug
 the drift of a parametrization is the spread (max - min) of its fitted log2 optima over the axis, and the per-step
 slope says which way it moves. What the drift costs: each curve's loss at the first curve's (the proxy's)
 optimum, relative to its own optimum. How much of the drift is seed noise: the drift refitted on seeds resampled with
-replacement, curve by curve (a seed keeps its whole LR curve: its luck is shared across LRs). Writes a plot (one
-panel per parametrization), drift.json and a table.
+replacement. A seed is resampled whole, every curve's runs of it at once: it fixes the data order, which every
+point of the axis shares, so its luck moves every curve alike (and every LR of a curve). For the same reason curves
+that ran different seeds are compared on the seeds they all ran as well. Writes a plot (one panel per
+parametrization), drift.json and a table.
 """
 
 from __future__ import annotations
@@ -84,20 +86,41 @@ class Drift:
 
     @functools.cached_property
     def seed_resample_range(self) -> tuple[float, float] | None:
-        """The 16th and 84th percentiles of the drift over 1000 seed resamples; None with one seed per curve."""
+        """The 16th and 84th percentiles of the drift over 1000 resamples of the seeds; None with one seed per
+        curve. Each resample draws from every seed any curve ran, and each curve keeps the drawn seeds it ran (a
+        curve that ran none of them draws from its own)."""
         if min(len(c.by_seed) for c in self.curves) < 2:
             return None
         rng = np.random.default_rng(0)
+        seeds = sorted({s for c in self.curves for s in c.by_seed}, key=str)
         drifts = []
         for _ in range(1000):
+            drawn = [seeds[i] for i in rng.integers(len(seeds), size=len(seeds))]
             optima = []
             for c in self.curves:
-                runs = list(c.by_seed.values())
-                lrs, losses, _ = mean_curve(runs[i] for i in rng.integers(len(runs), size=len(runs)))
+                own = [s for s in drawn if s in c.by_seed]
+                if not own:
+                    own = [list(c.by_seed)[i] for i in rng.integers(len(c.by_seed), size=len(c.by_seed))]
+                lrs, losses, _ = mean_curve(c.by_seed[s] for s in own)
                 optima.append(math.log2(fit_optimum(lrs, losses).x))
             drifts.append(max(optima) - min(optima))
         low, high = np.percentile(drifts, [16, 84])
         return float(low), float(high)
+
+    @property
+    def common_seeds(self) -> list:
+        """The seeds every curve ran."""
+        return sorted(set.intersection(*(set(c.by_seed) for c in self.curves)), key=str)
+
+    @functools.cached_property
+    def on_common_seeds(self) -> "Drift | None":
+        """The same drift on the seeds every curve ran; None when every curve ran the same seeds, or none is
+        common. With seeds' luck shared along the axis, curves that averaged different seeds differ by luck too."""
+        common = self.common_seeds
+        if not common or all(len(c.by_seed) == len(common) for c in self.curves):
+            return None
+        return Drift(self.group, [Curve(c.value, {s: c.by_seed[s] for s in common}) for c in self.curves],
+                     self.hparam)
 
     def warnings(self) -> list[str]:
         out = []
@@ -106,6 +129,9 @@ class Drift:
                 out.append(f"{self.group}, {c.value}: optimum at the edge of the {self.hparam} range")
             if not c.optimum.fitted:
                 out.append(f"{self.group}, {c.value}: no curvature; best point used")
+        if self.on_common_seeds is not None:
+            out.append(f"{self.group}: the curves averaged different seeds, whose luck differs; the drift on the "
+                       f"seeds they all ran is {self.on_common_seeds.drift:.3f}")
         return out
 
 
@@ -169,6 +195,13 @@ def table(results: list[Drift], key: str) -> str:
             cost = "outside the swept range" if penalty is None else f"{100 * penalty:+.2f}%"
             lines.append(f"  {key}={c.value}: {r.hparam}* {c.optimum.x:.4g} (log2 {math.log2(c.optimum.x):+.2f}), "
                          f"loss {c.optimum.value:.4f}, {min(c.seeds)}+ seeds{flag}; at the proxy's optimum {cost}")
+        common = r.on_common_seeds
+        if common is not None:
+            spread = common.seed_resample_range
+            noise = "" if spread is None else f" (seed resamples: {spread[0]:.2f} to {spread[1]:.2f})"
+            lines.append(f"  on the seeds every {key} ran ({', '.join(map(str, r.common_seeds))}): drift "
+                         f"{common.drift:.3f} log2{noise}; log2 optima "
+                         + ", ".join(f"{x:+.2f}" for x in common.log2_optima))
     return "\n".join(lines)
 
 
@@ -184,6 +217,9 @@ def report(sweep_dirs: list[str | Path], key: str, split: str | None, metric: st
     js.write_text(json.dumps({"key": key, "hparam": hparam, "split": split, "metric": metric, "groups": [
         {"group": r.group, "drift_log2": r.drift, "drift_log2_seed_resamples_16_84": r.seed_resample_range,
          "slope_per_doubling": r.slope, "warnings": r.warnings(),
+         "common_seeds": r.common_seeds,
+         "drift_log2_common_seeds": None if r.on_common_seeds is None else r.on_common_seeds.drift,
+         "log2_lr_opt_common_seeds": None if r.on_common_seeds is None else r.on_common_seeds.log2_optima,
          "curves": [{"value": c.value, "lr_opt": c.optimum.x, "log2_lr_opt": math.log2(c.optimum.x),
                      "loss_opt": c.optimum.value, "fitted": c.optimum.fitted, "at_edge": c.optimum.at_edge,
                      "loss_penalty_at_proxy_lr": penalty, "lrs": c.lrs, "losses": c.losses, "seeds": c.seeds}
