@@ -67,9 +67,10 @@ metap-width: $(STAMP)  ## optimal-LR drift over 16x width, MetaP vs standard
 	$(SWEEP) experiments/metap/width_sp.yaml
 	$(ML) metap drift runs/sweeps/width runs/sweeps/width_seeds runs/sweeps/width_sp --key model.d_model --split metap.parametrization
 
-metap-width-wd0: $(STAMP)  ## optimal-LR drift over 16x width without weight decay
+metap-width-wd0: $(STAMP)  ## optimal-LR drift over 16x width without weight decay, 6 seeds
 	$(SWEEP) experiments/metap/width_wd0.yaml
-	$(ML) metap drift runs/sweeps/width_wd0 --key model.d_model
+	$(SWEEP) experiments/metap/width_wd0_seeds.yaml
+	$(ML) metap drift runs/sweeps/width_wd0 runs/sweeps/width_wd0_seeds --key model.d_model
 
 metap-readout: $(STAMP)  ## does the readout's LR multiplier c_out transfer across widths 32..512?
 	$(SWEEP) experiments/metap/readout_width.yaml
