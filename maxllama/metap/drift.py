@@ -6,10 +6,10 @@ the seed-averaged final loss against log2(hyperparameter) gets a parabola throug
 the drift of a parametrization is the spread (max - min) of its fitted log2 optima over the axis, and the per-step
 slope says which way it moves. What the drift costs: each curve's loss at the first curve's (the proxy's)
 optimum, relative to its own optimum. How much of the drift is seed noise: the drift refitted on seeds resampled with
-replacement. A seed is resampled whole, every curve's runs of it at once: it fixes the data order, which every
-point of the axis shares, so its luck moves every curve alike (and every LR of a curve). For the same reason curves
-that ran different seeds are compared on the seeds they all ran as well. Writes a plot (one panel per
-parametrization), drift.json and a table.
+replacement. A seed is the unit of the experiment, resampled whole (every curve's runs of it at once): it fixes the
+data order, which every point of the axis shares, so whatever luck it brings to one width it may bring to all (a
+seed whose every run ends high or low). For the same reason curves that averaged different seeds are compared on
+the seeds they all ran as well. Writes a plot (one panel per parametrization), drift.json and a table.
 """
 
 from __future__ import annotations
