@@ -160,24 +160,28 @@ def drifts(sweep_dirs: list[Path], key: str, split: str | None, metric: str = "f
 
 
 def plot(results: list[Drift], key: str, path: Path) -> None:
+    """One panel per group: each curve's loss relative to its own fitted optimum (the curves of a width ladder
+    lie far apart in loss and are flat to a fraction of a percent near their optima, so on one absolute scale
+    their optima could not be seen), the optima as stars, and the proxy's optimum as a dashed line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
     for ax, result in zip(axes[0], results):
         cmap = plt.get_cmap("viridis")
         for i, c in enumerate(result.curves):
             color = cmap(i / max(len(result.curves) - 1, 1))
-            ax.plot(np.log2(c.lrs), c.losses, "o-", color=color, markersize=3, label=f"{key}={c.value}")
-            ax.plot([math.log2(c.optimum.x)], [c.optimum.value], "*", color=color, markersize=13,
-                    markeredgecolor="black")
+            relative = 100 * (np.asarray(c.losses) / c.optimum.value - 1)
+            ax.plot(np.log2(c.lrs), relative, "o-", color=color, markersize=3,
+                    label=f"{key}={c.value}: best {c.optimum.value:.4f}")
+            ax.plot([math.log2(c.optimum.x)], [0.0], "*", color=color, markersize=13, markeredgecolor="black")
+        ax.axvline(math.log2(result.curves[0].optimum.x), color="gray", linestyle="--", linewidth=1,
+                   label="the first curve's optimum")
         ax.set_title(f"{result.group}: drift {result.drift:.2f} log2 ({result.slope:+.2f} per doubling)")
         ax.set_xlabel(f"log2 {result.hparam}")
+        ax.set_ylabel("loss above the curve's fitted optimum (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("final validation loss (mean over seeds)")
-    lo = min(min(c.losses) for r in results for c in r.curves)
-    axes[0][0].set_ylim(lo - 0.05, lo + 1.0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
