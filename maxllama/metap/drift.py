@@ -187,12 +187,15 @@ def plot(results: list[Drift], key: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _seed_noise(r: Drift) -> str:
+    spread = r.seed_resample_range
+    return "" if spread is None else f" (seed resamples: {spread[0]:.2f} to {spread[1]:.2f})"
+
+
 def table(results: list[Drift], key: str) -> str:
     lines = []
     for r in results:
-        spread = r.seed_resample_range
-        noise = "" if spread is None else f" (seed resamples: {spread[0]:.2f} to {spread[1]:.2f})"
-        lines.append(f"{r.group}: drift {r.drift:.3f} log2{noise} over {key} "
+        lines.append(f"{r.group}: drift {r.drift:.3f} log2{_seed_noise(r)} over {key} "
                      f"{r.curves[0].value}..{r.curves[-1].value}; slope {r.slope:+.3f} per doubling")
         for c, penalty in zip(r.curves, r.penalties):
             flag = " (edge)" if c.optimum.at_edge else "" if c.optimum.fitted else " (best point)"
@@ -201,10 +204,8 @@ def table(results: list[Drift], key: str) -> str:
                          f"loss {c.optimum.value:.4f}, {min(c.seeds)}+ seeds{flag}; at the proxy's optimum {cost}")
         common = r.on_common_seeds
         if common is not None:
-            spread = common.seed_resample_range
-            noise = "" if spread is None else f" (seed resamples: {spread[0]:.2f} to {spread[1]:.2f})"
             lines.append(f"  on the seeds every {key} ran ({', '.join(map(str, r.common_seeds))}): drift "
-                         f"{common.drift:.3f} log2{noise}; log2 optima "
+                         f"{common.drift:.3f} log2{_seed_noise(common)}; log2 optima "
                          + ", ".join(f"{x:+.2f}" for x in common.log2_optima))
     return "\n".join(lines)
 
