@@ -424,6 +424,39 @@ def test_drift_compares_curves_on_the_seeds_they_all_ran(tmp_path):
     assert "averaged different seeds" in text
 
 
+def test_drift_slope_tells_a_trend_from_scatter(tmp_path):
+    """Optima that scatter by an octave around one value (a seed's luck differs from width to width), the same
+    scatter on a trend of -1/4 per doubling, and optima that stay put but for one beyond the swept LRs. The spread
+    of the optima does not tell the first two apart; the slope and its range over seed resamples do, and an
+    optimum at the edge of its range, a bound rather than a value, is left out of the slope."""
+    from maxllama.metap.drift import report
+    widths = (32, 64, 128, 256, 512)
+    scatter = dict(zip(widths, (0.0, 0.5, -0.5, 0.5, 0.0)))  # the mean optima's: no trend
+    luck = {0: -0.4, 1: 0.4, 2: -0.2, 3: 0.2}  # each seed's, in or against the sign of the width's
+    sign = dict(zip(widths, (1, -1, -1, 1, 1)))
+
+    def optimum(param, d, seed):
+        doublings = math.log2(d / 32)
+        if param == "edge":
+            return -14.0 if d == 512 else -8.0
+        own = scatter[d] + luck[seed] * sign[d]
+        return -8.0 + own - (0.25 * doublings if param == "trend" else 0.0)
+
+    drift_sweep(tmp_path, optimum, lambda d: (0, 1, 2, 3), params=("scatter", "trend", "edge"), widths=widths)
+    text, _, js = report([tmp_path], "model.d_model", "metap.parametrization")
+    groups = {g["group"].split("=")[1]: g for g in json.loads(js.read_text())["groups"]}
+    assert groups["scatter"]["drift_log2"] == pytest.approx(1.0, abs=1e-6)
+    assert groups["scatter"]["slope_per_doubling"] == pytest.approx(0.0, abs=1e-6)
+    low, high = groups["scatter"]["slope_per_doubling_seed_resamples"]["2.5_97.5"]
+    assert -0.15 < low < -0.02 and 0.02 < high < 0.15  # a resample's mean luck, up to 0.4, times 2/10 per doubling
+    assert groups["trend"]["slope_per_doubling"] == pytest.approx(-0.25, abs=1e-6)
+    assert groups["trend"]["trend_log2"] == pytest.approx(-1.0, abs=1e-6)
+    assert groups["trend"]["slope_per_doubling_seed_resamples"]["2.5_97.5"][1] < 0
+    assert "slope -0.250 per doubling" in text and "a trend of -1.00 log2" in text
+    assert groups["edge"]["drift_log2"] == pytest.approx(4.0, abs=1e-6)  # clipped at the lowest LR, 2^-12
+    assert groups["edge"]["slope_per_doubling"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_regret_compares_the_transferred_run_with_the_best_direct_point(tmp_path):
     from maxllama.metap.regret import regret
     direct = synthetic_sweep(tmp_path / "direct", [(8, 600)], lambda b, s: 2.0 ** -8)  # best loss 2.0 at 2^-8

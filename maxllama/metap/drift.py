@@ -3,13 +3,14 @@ along a scaling axis: the measure of transfer.
 
 For every curve of a sweep (one value of the scaled key, e.g. model.d_model, within one parametrization),
 the seed-averaged final loss against log2(hyperparameter) gets a parabola through its best point and neighbours;
-the drift of a parametrization is the spread (max - min) of its fitted log2 optima over the axis, and the per-step
-slope says which way it moves. What the drift costs: each curve's loss at the first curve's (the proxy's)
-optimum, relative to its own optimum. How much of the drift is seed noise: the drift refitted on seeds resampled with
-replacement. A seed is the unit of the experiment, resampled whole (every curve's runs of it at once): it fixes the
-data order, which every point of the axis shares, so whatever luck it brings to one width it may bring to all (a
-seed whose every run ends high or low). For the same reason curves that averaged different seeds are compared on
-the seeds they all ran as well. Writes a plot (one panel per parametrization), drift.json and a table.
+the drift of a parametrization is the spread (max - min) of its fitted log2 optima over the axis, and the slope
+(least squares, per doubling) says which way they move. What the drift costs: each curve's loss at the first
+curve's (the proxy's) optimum, relative to its own optimum. How much of it is seed noise: the drift refitted on
+seeds resampled with replacement. Noise alone spreads optima that do not move, so the slope's range over the same
+resamples says whether they move at all, and the trend (slope x doublings) by how much. A seed is the unit of the
+experiment, resampled whole (every curve's runs of it at once): it fixes the data order, which every point of the
+axis shares, so whatever luck it brings to one width it may bring to all (a seed whose every run ends high or low).
+For the same reason curves that averaged different seeds are compared on the seeds they all ran as well. Writes a plot (one panel per parametrization), drift.json and a table.
 """
 
 from __future__ import annotations
@@ -66,9 +67,20 @@ class Drift:
 
     @property
     def slope(self) -> float:
-        """Fitted change of the log2 optimum per doubling of the scaled key."""
-        x = np.log2([float(c.value) for c in self.curves])
-        return float(np.polyfit(x, self.log2_optima, 1)[0]) if len(x) > 1 else 0.0
+        """Fitted change of the log2 optimum per doubling of the scaled key: least squares over the curves whose
+        optimum lies inside their swept range (one at an edge is a bound, not a value); NaN with fewer than two."""
+        return self._slope_of([c.optimum for c in self.curves])
+
+    @property
+    def trend(self) -> float:
+        """The change of the log2 optimum from the first curve to the last that the slope implies. Unlike the
+        drift, a spread of noisy optima, it grows with neither the number of curves nor their noise."""
+        return self.slope * math.log2(float(self.curves[-1].value) / float(self.curves[0].value))
+
+    def _slope_of(self, optima: list[Optimum]) -> float:
+        pinned = [(math.log2(float(c.value)), math.log2(o.x)) for c, o in zip(self.curves, optima)
+                  if o.fitted and not o.at_edge]
+        return float(np.polyfit(*zip(*pinned), 1)[0]) if len(pinned) > 1 else math.nan
 
     @property
     def penalties(self) -> list[float | None]:
@@ -85,15 +97,15 @@ class Drift:
         return out
 
     @functools.cached_property
-    def seed_resample_range(self) -> tuple[float, float] | None:
-        """The 16th and 84th percentiles of the drift over 1000 resamples of the seeds; None with one seed per
-        curve. Each resample draws from every seed any curve ran, and each curve keeps the drawn seeds it ran (a
-        curve that ran none of them draws from its own)."""
+    def _resampled_optima(self) -> list[list[Optimum]] | None:
+        """Every curve's optimum refitted on 1000 resamples of the seeds; None with one seed per curve. Each
+        resample draws from every seed any curve ran, and each curve keeps the drawn seeds it ran (a curve that ran
+        none of them draws from its own)."""
         if min(len(c.by_seed) for c in self.curves) < 2:
             return None
         rng = np.random.default_rng(0)
         seeds = sorted({s for c in self.curves for s in c.by_seed}, key=str)
-        drifts = []
+        resampled = []
         for _ in range(1000):
             drawn = [seeds[i] for i in rng.integers(len(seeds), size=len(seeds))]
             optima = []
@@ -102,10 +114,33 @@ class Drift:
                 if not own:
                     own = [list(c.by_seed)[i] for i in rng.integers(len(c.by_seed), size=len(c.by_seed))]
                 lrs, losses, _ = mean_curve(c.by_seed[s] for s in own)
-                optima.append(math.log2(fit_optimum(lrs, losses).x))
-            drifts.append(max(optima) - min(optima))
-        low, high = np.percentile(drifts, [16, 84])
+                optima.append(fit_optimum(lrs, losses))
+            resampled.append(optima)
+        return resampled
+
+    def _over_resamples(self, statistic, percentiles=(16, 84)) -> tuple[float, float] | None:
+        if self._resampled_optima is None:
+            return None
+        values = [statistic(optima) for optima in self._resampled_optima]
+        if all(math.isnan(v) for v in values):
+            return None
+        low, high = np.nanpercentile(values, percentiles)
         return float(low), float(high)
+
+    @property
+    def seed_resample_range(self) -> tuple[float, float] | None:
+        """The 16th and 84th percentiles of the drift over the seed resamples."""
+        def spread(optima: list[Optimum]) -> float:
+            log2_optima = [math.log2(o.x) for o in optima]
+            return max(log2_optima) - min(log2_optima)
+        return self._over_resamples(spread)
+
+    @property
+    def slope_resample_ranges(self) -> dict[str, tuple[float, float]] | None:
+        """The slope's 16th to 84th and 2.5th to 97.5th percentiles over the seed resamples: whether the optimum
+        moves along the axis at all, or only scatters around one value."""
+        ranges = {f"{low}_{high}": self._over_resamples(self._slope_of, (low, high)) for low, high in ((16, 84), (2.5, 97.5))}
+        return None if ranges["16_84"] is None else ranges
 
     @property
     def common_seeds(self) -> list:
@@ -177,7 +212,8 @@ def plot(results: list[Drift], key: str, path: Path) -> None:
             ax.plot([math.log2(c.optimum.x)], [0.0], "*", color=color, markersize=13, markeredgecolor="black")
         ax.axvline(math.log2(result.curves[0].optimum.x), color="gray", linestyle="--", linewidth=1,
                    label="the first curve's optimum")
-        ax.set_title(f"{result.group}: drift {result.drift:.2f} log2 ({result.slope:+.2f} per doubling)")
+        slope = "" if math.isnan(result.slope) else f" ({result.slope:+.2f} per doubling)"
+        ax.set_title(f"{result.group}: drift {result.drift:.2f} log2{slope}")
         ax.set_xlabel(f"log2 {result.hparam}")
         ax.set_ylabel("loss above the curve's fitted optimum (%)")
         ax.grid(alpha=0.3)
@@ -187,16 +223,29 @@ def plot(results: list[Drift], key: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _or_none(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
 def _seed_noise(r: Drift) -> str:
     spread = r.seed_resample_range
     return "" if spread is None else f" (seed resamples: {spread[0]:.2f} to {spread[1]:.2f})"
+
+
+def _slope_noise(r: Drift) -> str:
+    ranges = r.slope_resample_ranges
+    return "" if ranges is None else (f" (seed resamples: {ranges['16_84'][0]:+.3f} to {ranges['16_84'][1]:+.3f}; "
+                                      f"95%: {ranges['2.5_97.5'][0]:+.3f} to {ranges['2.5_97.5'][1]:+.3f})")
 
 
 def table(results: list[Drift], key: str) -> str:
     lines = []
     for r in results:
         lines.append(f"{r.group}: drift {r.drift:.3f} log2{_seed_noise(r)} over {key} "
-                     f"{r.curves[0].value}..{r.curves[-1].value}; slope {r.slope:+.3f} per doubling")
+                     f"{r.curves[0].value}..{r.curves[-1].value}; " + (
+                         "no slope: fewer than two optima inside their swept range" if math.isnan(r.slope) else
+                         f"slope {r.slope:+.3f} per doubling{_slope_noise(r)}, a trend of {r.trend:+.2f} log2 from "
+                         f"first to last"))
         for c, penalty in zip(r.curves, r.penalties):
             flag = " (edge)" if c.optimum.at_edge else "" if c.optimum.fitted else " (best point)"
             cost = "outside the swept range" if penalty is None else f"{100 * penalty:+.2f}%"
@@ -221,7 +270,8 @@ def report(sweep_dirs: list[str | Path], key: str, split: str | None, metric: st
     plot(results, key, png)
     js.write_text(json.dumps({"key": key, "hparam": hparam, "split": split, "metric": metric, "groups": [
         {"group": r.group, "drift_log2": r.drift, "drift_log2_seed_resamples_16_84": r.seed_resample_range,
-         "slope_per_doubling": r.slope, "warnings": r.warnings(),
+         "slope_per_doubling": _or_none(r.slope), "slope_per_doubling_seed_resamples": r.slope_resample_ranges,
+         "trend_log2": _or_none(r.trend), "warnings": r.warnings(),
          "common_seeds": r.common_seeds,
          "drift_log2_common_seeds": None if r.on_common_seeds is None else r.on_common_seeds.drift,
          "log2_lr_opt_common_seeds": None if r.on_common_seeds is None else r.on_common_seeds.log2_optima,
