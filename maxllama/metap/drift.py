@@ -10,7 +10,8 @@ seeds resampled with replacement. Noise alone spreads optima that do not move, s
 resamples says whether they move at all, and the trend (slope x doublings) by how much. A seed is the unit of the
 experiment, resampled whole (every curve's runs of it at once): it fixes the data order, which every point of the
 axis shares, so whatever luck it brings to one width it may bring to all (a seed whose every run ends high or low).
-For the same reason curves that averaged different seeds are compared on the seeds they all ran as well. Writes a plot (one panel per parametrization), drift.json and a table.
+For the same reason curves that averaged different seeds are compared on the seeds they all ran as well. Writes a
+plot (one panel per parametrization), drift.json and a table.
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ class Drift:
     def slope_resample_ranges(self) -> dict[str, tuple[float, float]] | None:
         """The slope's 16th to 84th and 2.5th to 97.5th percentiles over the seed resamples: whether the optimum
         moves along the axis at all, or only scatters around one value."""
-        ranges = {f"{low}_{high}": self._over_resamples(self._slope_of, (low, high)) for low, high in ((16, 84), (2.5, 97.5))}
+        ranges = {f"{low}_{high}": self._over_resamples(self._slope_of, (low, high))
+                  for low, high in ((16, 84), (2.5, 97.5))}
         return None if ranges["16_84"] is None else ranges
 
     @property
