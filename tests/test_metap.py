@@ -123,6 +123,17 @@ def test_every_width_exponent_is_configurable():
     assert p.output_multiplier == pytest.approx(0.5) and p.attention_scale == pytest.approx(8 ** -0.5)
 
 
+def test_weight_decay_is_set_per_group():
+    """Weight decay on the hidden matrices alone (muP's matrix-like parameters), none on the vector-like ones."""
+    cfg = small_config(*PROXY, "optim.weight_decay=0.5", "metap.wd_embedding=0", "metap.wd_readout=0",
+                       "metap.wd_router=0.5", "metap.wd_hidden=2")
+    assert param_rule(cfg, "embedding", 4.0, in_branch=False).weight_decay == 0
+    assert param_rule(cfg, "readout", 4.0, in_branch=False).weight_decay == 0
+    assert param_rule(cfg, "router", 4.0, in_branch=True).weight_decay == pytest.approx(0.25)
+    assert param_rule(cfg, "hidden", 4.0, in_branch=True).weight_decay == pytest.approx(0.5 * 2 * 4)
+    assert param_rule(cfg, "vector", 4.0, in_branch=True).weight_decay == 0
+
+
 def test_batch_and_horizon_exponents_and_adamw_timescale():
     cfg = small_config(*PROXY, "metap.base.batch_size=1", "metap.base.tokens=4000", "train.steps=250",
                        "metap.kappa=0.5", "metap.beta=0.3", "metap.weight_decay_timescale=true")

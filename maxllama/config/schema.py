@@ -253,6 +253,10 @@ class MetaPConfig(Section):
     lr_vector: float = Field(1.0, description="c_v: norm-gain LR = lr x c_v x (L/L0)^(alpha-1).")
     lr_readout: float = Field(1.0, description="c_out: unembedding LR = lr x c_out.")
     lr_router: float = Field(1.0, description="c_router: router LR = lr x c_router.")
+    wd_embedding: float = Field(1.0, description="Embedding weight decay = optim.weight_decay x wd_embedding.")
+    wd_hidden: float = Field(1.0, description="Hidden weight decay = optim.weight_decay x wd_hidden x m.")
+    wd_readout: float = Field(1.0, description="Unembedding weight decay = optim.weight_decay x wd_readout.")
+    wd_router: float = Field(1.0, description="Router weight decay = optim.weight_decay x wd_router.")
     kappa: float = Field(0.0, description="LR x (B/B0)^kappa: batch-size exponent (fitted by `metap transfer`).")
     beta: float = Field(0.0, description="LR x (D/D0)^-beta: training-token exponent (fitted by `metap transfer`).")
     weight_decay_timescale: bool = Field(

@@ -116,11 +116,11 @@ def param_rule(cfg: Config, role: Role, ratio: float, *, in_branch: bool, query:
     eps = o.eps * s.width ** -e.eps * depth_eps
     m_lr = ratio ** e.hidden_lr
     init_std, lr_multiplier, weight_decay = {
-        "embedding": (mp.sigma_embedding, lr * mp.lr_embedding * ratio ** -e.embedding_lr, wd),
-        "hidden": (mp.sigma_hidden * ratio ** -e.hidden_init, lr * mp.lr_hidden / m_lr, wd * m_lr),
+        "embedding": (mp.sigma_embedding, lr * mp.lr_embedding * ratio ** -e.embedding_lr, wd * mp.wd_embedding),
+        "hidden": (mp.sigma_hidden * ratio ** -e.hidden_init, lr * mp.lr_hidden / m_lr, wd * mp.wd_hidden * m_lr),
         "vector": (None, lr * mp.lr_vector, 0.0),
-        "readout": (mp.sigma_readout, lr * mp.lr_readout, wd),
-        "router": (mp.sigma_readout, lr * mp.lr_router, wd),
+        "readout": (mp.sigma_readout, lr * mp.lr_readout, wd * mp.wd_readout),
+        "router": (mp.sigma_readout, lr * mp.lr_router, wd * mp.wd_router),
     }[role]
     if query and mp.zero_init_query:
         init_std = 0.0
