@@ -9,7 +9,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: install train test test-slow bench bench-data bench-ckpt lint clean \
-	metap-coord metap-width metap-width-wd0 metap-readout metap-embedding metap-init metap-depth metap-experts metap-batch-horizon metap-e2e metap-all
+	metap-coord metap-width metap-width-wd0 metap-width-hidden-wd metap-readout metap-embedding metap-init metap-depth metap-experts metap-batch-horizon metap-e2e metap-all
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,10 @@ metap-width-wd0: $(STAMP)  ## optimal-LR drift over 16x width without weight dec
 	$(SWEEP) experiments/metap/width_wd0_seeds.yaml
 	$(ML) metap drift runs/sweeps/width_wd0 runs/sweeps/width_wd0_seeds --key model.d_model
 
+metap-width-hidden-wd: $(STAMP)  ## optimal-LR drift over 16x width with weight decay on the hidden matrices alone, 3 seeds
+	$(SWEEP) experiments/metap/width_hidden_wd.yaml
+	$(ML) metap drift runs/sweeps/width_hidden_wd --key model.d_model
+
 metap-readout: $(STAMP)  ## does the readout's LR multiplier c_out transfer across widths 32..512?
 	$(SWEEP) experiments/metap/readout_width.yaml
 	$(ML) metap drift runs/sweeps/readout_width --key model.d_model --hparam metap.lr_readout
@@ -106,7 +110,7 @@ metap-e2e: $(STAMP)  ## proxy LR sweep -> transfer -> target (4x width, 4x depth
 	$(SWEEP) experiments/metap/e2e_direct.yaml
 	$(ML) metap regret runs/sweeps/e2e_transferred --direct runs/sweeps/e2e_direct --proxy runs/sweeps/e2e_proxy
 
-metap-all: metap-coord metap-width metap-width-wd0 metap-readout metap-embedding metap-init metap-depth metap-experts metap-batch-horizon metap-e2e  ## every MetaP proof (hours on 2 cores)
+metap-all: metap-coord metap-width metap-width-wd0 metap-width-hidden-wd metap-readout metap-embedding metap-init metap-depth metap-experts metap-batch-horizon metap-e2e  ## every MetaP proof (hours on 2 cores)
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff
