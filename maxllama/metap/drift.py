@@ -52,6 +52,11 @@ class Curve:
         self.optimum = fit_optimum(self.lrs, self.losses)
 
 
+def _spread(optima: list[Optimum]) -> float:
+    log2_optima = [math.log2(o.x) for o in optima]
+    return max(log2_optima) - min(log2_optima)
+
+
 @dataclasses.dataclass
 class Drift:
     group: str  # e.g. 'metap.parametrization=metap'
@@ -64,7 +69,7 @@ class Drift:
 
     @property
     def drift(self) -> float:
-        return max(self.log2_optima) - min(self.log2_optima)
+        return _spread([c.optimum for c in self.curves])
 
     @property
     def slope(self) -> float:
@@ -131,10 +136,7 @@ class Drift:
     @property
     def seed_resample_range(self) -> tuple[float, float] | None:
         """The 16th and 84th percentiles of the drift over the seed resamples."""
-        def spread(optima: list[Optimum]) -> float:
-            log2_optima = [math.log2(o.x) for o in optima]
-            return max(log2_optima) - min(log2_optima)
-        return self._over_resamples(spread)
+        return self._over_resamples(_spread)
 
     @property
     def slope_resample_ranges(self) -> dict[str, tuple[float, float]] | None:
