@@ -44,6 +44,7 @@ EQUIVALENCE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # over a minute each on 2 cores: `make test-slow`
 def test_losses_match_the_one_device_run_on_every_mesh(tmp_path):
     result = subprocess.run([sys.executable, "-c", EQUIVALENCE, str(tmp_path), json.dumps(MESHES)],
                             capture_output=True, text=True, timeout=900)
@@ -86,6 +87,7 @@ def _train_command(run_dir):
     return [sys.executable, "-m", "maxllama", "train", *SMALL_MODEL, *TWO_PROCESS_RUN, f"run.dir={run_dir}"]
 
 
+@pytest.mark.slow  # over a minute each on 2 cores: `make test-slow`
 def test_two_processes_train_checkpoint_and_resume_like_one_process(tmp_path):
     import os
     import signal
