@@ -23,11 +23,12 @@ class UserError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from maxllama.checkpoint.lock import RunDirError
     from maxllama.checkpoint.manager import ResumeError
     from maxllama.config import ConfigError
     from maxllama.interop import InteropError
     from maxllama.parallel.mesh import MeshError
-    return UserError, ConfigError, MeshError, ResumeError, InteropError, FileNotFoundError
+    return UserError, ConfigError, MeshError, ResumeError, RunDirError, InteropError, FileNotFoundError
 
 
 def _training_stopped() -> type[BaseException]:
@@ -59,11 +60,14 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if not is_primary():
         return 0
     ratio = summary.val_loss / summary.unigram_entropy
-    print(f"final validation loss {summary.val_loss:.4f} nats/token = {ratio:.1%} of the byte unigram entropy "
-          f"{summary.unigram_entropy:.4f} of the same validation data")
+    print(f"final validation loss {summary.val_loss:.4f} nats/token = {ratio:.1%} of the unigram entropy "
+          f"{summary.unigram_entropy:.4f} of the validation tokens")
     if summary.tokens_per_s == summary.tokens_per_s:  # not NaN: some steps ran
         print(f"throughput {summary.tokens_per_s:,.0f} tokens/s, MFU {summary.mfu:.1%}, step {summary.step_time_s * 1e3:.0f} ms, "
               f"compile {summary.compile_time_s:.1f} s, peak memory {summary.peak_memory_gb:.2f} GB")
+    if summary.nonfinite_steps:
+        print(f"non-finite updates skipped: {summary.nonfinite_steps} (train.nonfinite=skip); see the "
+              f"'nonfinite' column of metrics.jsonl")
     print(f"metrics: {cfg.run_dir}/metrics.jsonl; curves: tensorboard --logdir {cfg.run_dir}/tensorboard")
     return 0
 
@@ -635,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
         return 0
     except _training_stopped() as e:
-        print(f"maxllama: stopped: {e}", file=sys.stderr)
+        print(f"maxllama: {e.kind}: {e}", file=sys.stderr)
         return e.exit_code
 
 

@@ -4,9 +4,11 @@ Processes that must die run as subprocesses (`python -m maxllama train ...`); th
 in tens of milliseconds, so a run of 30 steps is over in seconds.
 """
 
+import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,18 +110,140 @@ def test_kill_9_loses_only_steps_since_the_last_checkpoint(uninterrupted, tmp_pa
     assert saved is not None and saved % 5 == 0
     out = finish(tmp_path)
     assert f"/checkpoints/{saved}" in out
+    assert f"took over the lock of {tmp_path} from pid {process.pid}" in out  # its holder is gone
     assert_same_run(tmp_path, uninterrupted)
 
 
-def test_corrupted_newest_checkpoint_falls_back_to_the_previous(tmp_path):
-    finish(tmp_path, "train.steps=20")
-    newest = tmp_path / "checkpoints" / "20" / "params"
-    for path in newest.rglob("*"):
+def copy_run(run_dir, tmp_path):
+    target = tmp_path / "run"
+    shutil.copytree(run_dir, target)
+    return target
+
+
+def snapshot(run_dir):
+    """Every file's bytes (the lock file aside: it is the one file any attempt may touch)."""
+    return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != "run.lock"}
+
+
+def refused(process_or_args, run_dir):
+    result = subprocess.run([sys.executable, "-m", "maxllama", "train", *RUN, f"run.dir={run_dir}", *process_or_args],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("maxllama: error: ") and "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_unreadable_checkpoints_fall_back_quietly_and_the_run_matches(uninterrupted, tmp_path):
+    run_dir = copy_run(uninterrupted, tmp_path)
+    (run_dir / "checkpoints" / "30" / "meta" / "metadata").unlink()  # the newest lacks its metadata
+    for path in (run_dir / "checkpoints" / "25" / "params").rglob("*"):  # the next one has torn arrays
         if path.is_file() and path.stat().st_size > 0 and "manifest" not in path.name and path.suffix != ".json":
-            path.write_bytes(b"\0" * 7)  # a torn write
-    out = finish(tmp_path, "train.steps=25")
-    assert "warning: checkpoint" in out and "/20 cannot be restored" in out
-    assert f"resumed from {tmp_path / 'checkpoints'}/15" in out
+            path.write_bytes(b"\0" * 7)
+    listing = subprocess.run([sys.executable, "-m", "maxllama", "checkpoint", "list", str(run_dir)],
+                             capture_output=True, text=True)
+    marked = [line.split()[0] for line in listing.stdout.splitlines() if "UNREADABLE" in line]
+    assert listing.returncode == 0 and marked == ["25", "30"], listing.stdout
+    process = start(run_dir)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    warnings = [line for line in out.splitlines() if line.startswith("warning: checkpoint")]
+    assert len(warnings) == 2 and "/30 cannot be read" in warnings[0] and "/25 cannot be restored" in warnings[1]
+    assert f"resumed from {run_dir / 'checkpoints'}/20" in out
+    assert "Traceback" not in out + err and "asyncio" not in out + err and err.strip() == ""
+    # Set aside, not deleted; saved again by the resumed run, which is the uninterrupted one bit for bit.
+    assert (run_dir / "checkpoints" / "30.unreadable").is_dir() and (run_dir / "checkpoints" / "25.unreadable").is_dir()
+    assert_same_run(run_dir, uninterrupted)
+
+
+def test_an_incompatible_config_is_refused_and_the_run_directory_left_alone(uninterrupted, tmp_path):
+    run_dir = copy_run(uninterrupted, tmp_path)
+    before = snapshot(run_dir)
+    message = refused(["model.d_model=64", "seed=1", "train.batch_size=8", "train.steps=40"], run_dir)
+    for change in ("model.d_model: 32 -> 64", "seed: 0 -> 1", "train.batch_size: 4 -> 8"):
+        assert change in message
+    assert "train.steps" not in message and "init_from=" in message  # a safe change is not refused
+    assert snapshot(run_dir) == before
+    # With no checkpoint the run directory's config.yaml is what a new config is compared with.
+    shutil.rmtree(run_dir / "checkpoints")
+    before = snapshot(run_dir)
+    assert "model.n_layers: 4 -> 8" in refused(["model.n_layers=8"], run_dir)
+    assert snapshot(run_dir) == before
+
+
+def test_safe_changes_resume_and_are_recorded_in_the_config_history(uninterrupted, tmp_path):
+    from maxllama.train.resume import read_config_history
+    run_dir = copy_run(uninterrupted, tmp_path)
+    out = finish(run_dir, "train.steps=33", "optim.lr=1e-3")
+    assert "changed since the checkpoint: optim.lr: 0.003 -> 0.001; train.steps: 30 -> 33" in out
+    history = read_config_history(run_dir)
+    assert [(row["step"], row["event"]) for row in history] == [(0, "start"), (30, "resume")]
+    assert history[1]["changes"] == {"optim.lr": [0.003, 0.001], "train.steps": [30, 33]}
+    assert sorted(losses(run_dir)) == list(range(1, 34))
+
+
+def test_a_changed_tokenizer_is_refused_even_under_the_same_name(tmp_path):
+    from maxllama.train.resume import IncompatibleConfig, resume_changes
+    from maxllama.config import dump_config
+    cfg = small_config()
+    saved = dump_config(cfg)
+    assert resume_changes(saved, "abc123", cfg, "abc123", tmp_path, "its checkpoints") == {}
+    with pytest.raises(IncompatibleConfig, match=r"data.tokenizer \(its contents\): fingerprint abc123 -> fingerprint def456"):
+        resume_changes(saved, "abc123", cfg, "def456", tmp_path, "its checkpoints")
+
+
+def test_no_restorable_checkpoint_is_refused_rather_than_restarted(uninterrupted, tmp_path):
+    run_dir = copy_run(uninterrupted, tmp_path)
+    for step in ("20", "25", "30"):
+        (run_dir / "checkpoints" / step / "meta" / "metadata").unlink()
+    before = snapshot(run_dir)
+    assert "none of the checkpoints" in refused([], run_dir)
+    assert snapshot(run_dir) == before
+
+
+def test_a_second_process_on_a_run_directory_is_refused(uninterrupted, tmp_path):
+    first = start(tmp_path)
+    wait_for_step(tmp_path, 3, first)
+    first.send_signal(signal.SIGSTOP)  # holds the first mid-run, however slow the second is to start
+    try:
+        message = refused([], tmp_path)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert f"is in use by pid {first.pid} on host" in message
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert_same_run(tmp_path, uninterrupted)  # the refused process wrote nothing into the first's run
+
+
+def can_mount_tmpfs(path) -> bool:
+    path.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_full_disk_ends_the_run_with_one_line_and_the_resume_matches(uninterrupted, tmp_path):
+    mount = tmp_path / "small"
+    if not can_mount_tmpfs(mount):
+        pytest.skip("needs a tmpfs mount (root)")
+    try:
+        run_dir = mount / "run"
+        process = start(run_dir, "logging.tensorboard=false")
+        wait_for_step(run_dir, 12, process)
+        with open(mount / "filler", "wb") as filler:  # the disk fills up under the running job
+            with contextlib.suppress(OSError):
+                while True:
+                    filler.write(b"\0" * (1 << 20))
+                    filler.flush()
+        _, err = process.communicate(timeout=600)
+        lines = err.strip().splitlines()
+        assert process.returncode == 74, err
+        assert len(lines) == 1 and lines[0].startswith("maxllama: error: cannot ") and "No space left" in lines[0]
+        (mount / "filler").unlink()
+        finish(run_dir, "logging.tensorboard=false")
+        assert_same_run(run_dir, uninterrupted)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
 
 
 def test_nonfinite_updates_are_skipped_or_stop_the_run(tmp_path):

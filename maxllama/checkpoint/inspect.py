@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 
-from maxllama.checkpoint.manager import Checkpointer
+from maxllama.checkpoint.manager import UNREADABLE, Checkpointer, param_name
 from maxllama.checkpoint.model_dir import locate_checkpoint
 
 
@@ -32,17 +32,22 @@ def list_checkpoints(run_dir: str | Path) -> str:
     directory = run_dir / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(directory)
-    checkpointer = Checkpointer(directory)
+    checkpointer = Checkpointer(directory, read_only=True)
     lines = [f"{'step':>8}  {'size':>10}  {'items':<24}  saved"]
     for step in checkpointer.steps():
         path = directory / str(step)
         items = ", ".join(sorted(p.name for p in path.iterdir() if p.is_dir()))
         when = datetime.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
-        lines.append(f"{step:>8}  {_human(_size(path)):>10}  {items:<24}  {when}")
+        problem = checkpointer.problem(step)
+        unreadable = f"  UNREADABLE ({problem}); resuming skips it" if problem else ""
+        lines.append(f"{step:>8}  {_human(_size(path)):>10}  {items:<24}  {when}{unreadable}")
     checkpointer.close()
     partial = sorted(p.name for p in directory.iterdir() if "tmp" in p.name)
     if partial:
         lines.append(f"incomplete (interrupted saves, ignored when resuming): {', '.join(partial)}")
+    aside = sorted(p.name for p in directory.iterdir() if f".{UNREADABLE}" in p.name)
+    if aside:
+        lines.append(f"set aside (unreadable when resumed, kept for inspection): {', '.join(aside)}")
     if len(lines) == 1:
         lines.append("(no complete checkpoint)")
     return "\n".join(lines)
@@ -51,7 +56,7 @@ def list_checkpoints(run_dir: str | Path) -> str:
 def inspect_checkpoint(path: str | Path) -> str:
     run_dir, step = locate_checkpoint(path)
     step_dir = run_dir / "checkpoints" / str(step)
-    checkpointer = Checkpointer(run_dir / "checkpoints")
+    checkpointer = Checkpointer(run_dir / "checkpoints", read_only=True)
     meta = checkpointer.meta(step) or {}
     checkpointer.close()
     lines = [f"checkpoint {step_dir}: step {step}, {_human(_size(step_dir))}"]
@@ -73,6 +78,6 @@ def inspect_checkpoint(path: str | Path) -> str:
         lines.append(f"{item}: {len(leaves)} arrays, {total:,} values")
         if item == "params":
             for key_path, leaf in leaves:
-                name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path)
+                name = param_name(key_path)
                 lines.append(f"  {name:<48} {str(tuple(leaf.shape)):<22} {leaf.dtype}")
     return "\n".join(lines)

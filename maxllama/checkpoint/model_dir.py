@@ -40,7 +40,7 @@ def restore_params_into(path: str | Path, cfg: Config, model: ModelDef, sharding
     """Parameters of the checkpoint at `path`, shaped and sharded for `model`; errors name the mismatch."""
     directory, step = locate_checkpoint(path)
     target = sharded_abstract_params(model, sharding)
-    checkpointer = Checkpointer(directory / "checkpoints")
+    checkpointer = Checkpointer(directory / "checkpoints", read_only=True)
     try:
         return checkpointer.restore_params(step, target), step
     except (ValueError, KeyError) as e:

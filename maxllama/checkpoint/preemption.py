@@ -12,13 +12,15 @@ import signal
 import threading
 from typing import Callable, Iterator
 
-PREEMPTED_EXIT_CODE = 75
+PREEMPTED_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL: requeue me
+SAVE_FAILED_EXIT_CODE = 74  # sysexits' EX_IOERR
 
 
 class TrainingStopped(RuntimeError):
     """The run stopped before train.steps for a reason the message explains; `exit_code` says which."""
 
     exit_code = 1
+    kind = "stopped"  # how the command line introduces the message
 
 
 class Preempted(TrainingStopped):
@@ -27,6 +29,14 @@ class Preempted(TrainingStopped):
 
 class NonFiniteStop(TrainingStopped):
     exit_code = 3
+
+
+class SaveFailed(TrainingStopped):
+    """A checkpoint or the metrics could not be written (disk full, permission, I/O error). Everything saved
+    before is intact; the message names the path and the cause."""
+
+    exit_code = SAVE_FAILED_EXIT_CODE
+    kind = "error"
 
 
 class PreemptionRequest:

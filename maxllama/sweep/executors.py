@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from maxllama.checkpoint.preemption import PREEMPTED_EXIT_CODE, preemption_signals
 from maxllama.config import ConfigError, load_config
-from maxllama.config.loader import flatten
+from maxllama.config.compat import config_changes, describe
 from maxllama.config.schema import Config
 from maxllama.sweep.spec import Run, Sweep
 
@@ -42,17 +42,16 @@ def train_command(sweep: Sweep, sweep_dir: Path, run: Run) -> list[str]:
 def check_unchanged(directory: Path, cfg: Config) -> None:
     """A run directory trained from other settings (the sweep file or its base changed since) must be neither
     counted as this run nor resumed as it: its results would silently mix into the sweep's curves. `run.*` is
-    where a run was written, not how it was trained: a sweep directory may be moved or renamed."""
+    where a run was written, not how it was trained (`config_changes` leaves it out): a sweep directory may be
+    moved or renamed."""
     saved = directory / "config.yaml"
     if not saved.exists():
         return
-    now = flatten(cfg.model_dump())
-    then = flatten(load_config(saved)[0].model_dump())
-    changed = [f"{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in sorted(now.keys() | then.keys())
-               if now.get(key) != then.get(key) and not key.startswith("run.")]
+    changed = config_changes(load_config(saved)[0].model_dump(), cfg.model_dump())
     if changed:
+        shown = dict(list(changed.items())[:4])
         raise ConfigError(f"{saved.parent}: this run was trained with other settings than the sweep now gives it "
-                          f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}). Move the run directory "
+                          f"({describe(shown)}{'; ...' if len(changed) > 4 else ''}). Move the run directory "
                           f"away to re-run it, or run the sweep into a new --dir")
 
 

@@ -11,10 +11,12 @@ from pathlib import Path
 import jax
 from tqdm import tqdm
 
+from maxllama.checkpoint.lock import hold_run_dir
 from maxllama.checkpoint.manager import Checkpointer, ResumeError, check_resume_policy
 from maxllama.checkpoint.model_dir import restore_params_into
 from maxllama.checkpoint.preemption import NonFiniteStop, Preempted, preemption_signals
 from maxllama.config import ConfigError, dump_config
+from maxllama.config.compat import describe
 from maxllama.config.schema import Config
 from maxllama.data.pipeline import batch_statistics, build_datasets, iterate, unigram_entropy
 from maxllama.model.build import define_model, init_params, param_shardings
@@ -24,7 +26,8 @@ from maxllama.parallel.distributed import agree, is_primary, to_host
 from maxllama.parallel.mesh import build_mesh
 from maxllama.parallel.rules import LogicalSharding, make_rules
 from maxllama.train.flops import train_flops_per_token
-from maxllama.train.metrics import MetricsLog
+from maxllama.train.metrics import MetricsLog, read_metrics
+from maxllama.train.resume import record_config, resume_changes
 from maxllama.train.optimizer import build_optimizer
 from maxllama.train.peak import peak_flops_per_device
 from maxllama.train.preflight import replicated_parameters
@@ -44,6 +47,7 @@ class TrainSummary:
     peak_memory_gb: float
     params_total: int
     params_active: int
+    nonfinite_steps: int
 
 
 def global_batch(local: dict, sharding) -> dict:
@@ -77,14 +81,16 @@ def _cross_check_data_position(saved: dict | None, step: int, log) -> None:
 
 def train(cfg: Config, *, log=print, devices=None) -> TrainSummary:
     """Train as `cfg` says, on `devices` (default: all of them), resuming per `cfg.resume`. With several
-    processes, each reads its share of the data and process 0 writes the run directory's files."""
+    processes, each reads its share of the data and process 0 writes the run directory's files. The run
+    directory is locked for the run's life: a second process on it refuses before it reads anything."""
     primary = is_primary()
     log = log if primary else (lambda *_: None)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if primary:
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+    with hold_run_dir(cfg.run_dir, primary=primary, log=log):
+        return _train(cfg, log, devices, primary)
 
+
+def _train(cfg: Config, log, devices, primary: bool) -> TrainSummary:
+    run_dir = Path(cfg.run_dir)
     mesh = build_mesh(cfg.mesh, devices)
     sharding = LogicalSharding(mesh, make_rules(cfg.mesh.rules))
     data = build_datasets(cfg, process_index=jax.process_index(), process_count=jax.process_count())
@@ -99,8 +105,15 @@ def train(cfg: Config, *, log=print, devices=None) -> TrainSummary:
             f"({', '.join(left_whole[:3])}...): check mesh.rules")
     schedule = make_schedule(cfg.optim, cfg.train.steps)
     optimizer = build_optimizer(cfg, model.rules, schedule)
+
+    # Nothing in the run directory is written until the run it holds is known to be this one.
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     look_for_checkpoint = check_resume_policy(checkpointer, cfg.resume)
+    tokenizer = data.tokenizer.fingerprint()
+
+    def changes(meta: dict, source: str) -> dict:
+        return resume_changes(meta.get("config"), meta.get("tokenizer"), cfg, tokenizer, run_dir, source)
+
     if not look_for_checkpoint and cfg.init_from:
         params, init_step = restore_params_into(cfg.init_from, cfg, model, sharding)
         log(f"initialised from {cfg.init_from} (step {init_step}); optimizer and data start fresh")
@@ -108,16 +121,27 @@ def train(cfg: Config, *, log=print, devices=None) -> TrainSummary:
         params = init_params(cfg, model, sharding)
     state = init_state(params, optimizer)
     if look_for_checkpoint:
-        restored = checkpointer.restore_newest(state, log)
-        if restored is None and cfg.resume == "require":
-            raise ResumeError(f"resume: 'require' but no checkpoint in {checkpointer.directory} can be restored")
-        if restored is not None:
-            state = restored
-            step = int(to_host(state.step))
-            log(f"resumed from {checkpointer.directory}/{step}")
-            _cross_check_data_position((checkpointer.meta(step) or {}).get("data"), step, log)
+        found = checkpointer.restore_newest(state, log, check=lambda meta: changes(meta, "its checkpoints"))
+        if found is None:
+            raise ResumeError(f"none of the checkpoints in {checkpointer.directory} can be restored (see the "
+                              f"warnings above); nothing was changed. Move the damaged ones away to resume from "
+                              f"an earlier one, or give a new run.dir to start over")
+        state, meta = found
+        step = int(to_host(state.step))
+        accepted = changes(meta, "its checkpoints")
+        log(f"resumed from {checkpointer.directory}/{step}")
+        if accepted:
+            log(f"changed since the checkpoint: {describe(accepted)}")
+        _cross_check_data_position(meta.get("data"), step, log)
+    else:
+        saved = run_dir / "config.yaml"
+        accepted = changes({"config": saved.read_text()}, "its config.yaml") if saved.exists() else {}
+        logged = len(read_metrics(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
+        if logged:
+            log(f"notice: {run_dir} holds {logged} logged steps but no checkpoint; training again from step 0")
     start = int(to_host(state.step))
     if primary:
+        record_config(run_dir, cfg, start, accepted, resumed=look_for_checkpoint)
         metap_table.write(run_dir / "metap.yaml", cfg, model)
     metap_parameters = metap_table.per_parameter(cfg, model)
 
@@ -189,7 +213,7 @@ def train(cfg: Config, *, log=print, devices=None) -> TrainSummary:
         flush()  # fetches the step's metrics first: a non-finite run stops before it saves
         checkpointer.save(step, state, wait=wait, meta={
             "data": {"step": step, "iterator_start": start, "iterator": batches.get_state()},
-            "config": dump_config(cfg), "seed": cfg.seed, "metap": metap_parameters})
+            "config": dump_config(cfg), "tokenizer": tokenizer, "seed": cfg.seed, "metap": metap_parameters})
 
     with contextlib.ExitStack() as cleanup:
         preemption = cleanup.enter_context(preemption_signals())
@@ -232,5 +256,6 @@ def train(cfg: Config, *, log=print, devices=None) -> TrainSummary:
     return TrainSummary(
         final_step=int(to_host(state.step)), val_loss=val_loss, unigram_entropy=entropy, tokens_per_s=tokens_per_s,
         mfu=tokens_per_s * flops_per_token / peak_total, step_time_s=elapsed / n if n else float("nan"), compile_time_s=compile_time,
-        peak_memory_gb=peak_memory_gb(), params_total=counts.total, params_active=counts.active)
+        peak_memory_gb=peak_memory_gb(), params_total=counts.total, params_active=counts.active,
+        nonfinite_steps=nonfinite_steps)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from tensorboardX import SummaryWriter
+
+from maxllama.checkpoint.preemption import SaveFailed
 
 
 def _plain(value: Any) -> Any:
@@ -35,17 +38,25 @@ class MetricsLog:
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        try:
+            yield
+        except OSError as e:
+            raise SaveFailed(f"cannot write {self.path}: {e.strerror}; the checkpoints saved so far are intact. "
+                             f"Fix the cause (free space, permissions) and re-run the same command to resume") from None
 
     def write(self, row: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
         row = {key: _plain(value) for key, value in row.items()}
-        self._file.write(json.dumps(row) + "\n")
+        with self._writing():
+            self._file.write(json.dumps(row) + "\n")
         if self._writer is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -54,19 +65,30 @@ class MetricsLog:
     def flush(self) -> None:
         if not self.enabled:
             return
-        self._file.flush()
+        with self._writing():
+            self._file.flush()
         if self._writer is not None:
             self._writer.flush()
 
     def close(self) -> None:
         if not self.enabled:
             return
-        self.flush()
-        self._file.close()
+        with contextlib.suppress(SaveFailed, OSError):  # a failed write was reported where it happened
+            self.flush()
+        with contextlib.suppress(OSError):
+            self._file.close()
         if self._writer is not None:
             self._writer.close()
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics row; a torn row (its write cut short by a full disk or a kill) counts as none."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):
+        return math.inf
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if _step_of(line) < math.inf]

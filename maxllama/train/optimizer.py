@@ -84,9 +84,10 @@ def add_decayed_weights_per_param(rates: Any) -> optax.GradientTransformation:
 
 def build_optimizer(cfg: Config, rules: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
     """`rules`: a tree shaped like the params whose leaves are ParamRules (`ModelDef.rules`)."""
-    chain = []
-    if cfg.train.grad_clip is not None:
-        chain.append(clip_by_weighted_global_norm(cfg.train.grad_clip, rule_field(rules, "clip_weight")))
+    # The chain keeps its length without clipping, so the checkpointed state has one structure whether a
+    # run clips or not, and train.grad_clip can change on a resumed run.
+    chain = [optax.identity() if cfg.train.grad_clip is None
+             else clip_by_weighted_global_norm(cfg.train.grad_clip, rule_field(rules, "clip_weight"))]
     chain += [
         scale_by_adam_per_param_eps(cfg.optim.b1, cfg.optim.b2, rule_field(rules, "adam_eps")),
         add_decayed_weights_per_param(rule_field(rules, "weight_decay")),
