@@ -264,18 +264,24 @@ def cmd_sweep_run(ns: argparse.Namespace) -> int:
     import signal
 
     from maxllama.checkpoint.preemption import PREEMPTED_EXIT_CODE
-    from maxllama.sweep.executors import run_local, run_slurm
+    from maxllama.sweep.executors import plan_local, run_local, run_slurm
     from maxllama.sweep.spec import load_sweep
     sweep = load_sweep(ns.file)  # validates every run's config before anything starts
     sweep_dir = _sweep_dir(ns, sweep)
+    if ns.parallel is not None and ns.parallel < 1:
+        raise UserError(f"--parallel: must be at least 1, got {ns.parallel}")
     executor = {**sweep.executor, **({"type": ns.executor} if ns.executor else {}),
                 **({"parallel": ns.parallel} if ns.parallel else {})}
     if executor["type"] == "slurm":
         run_slurm(sweep, sweep_dir, executor, ns.dry_run)
         return 0
     if executor["type"] != "local":
-        raise UserError(f"executor.type: unknown executor '{executor['type']}' (local, slurm)")
-    manifest = run_local(sweep, sweep_dir, int(executor.get("parallel", 1)), progress=not ns.quiet)
+        raise UserError(f"executor.type: unknown executor {executor['type']!r:.40} (local, slurm)")
+    if ns.dry_run:
+        plan_local(sweep, sweep_dir, executor["parallel"])
+        print(f"next: maxllama sweep run {ns.file}{f' --dir {ns.dir}' if ns.dir else ''} (without --dry-run)")
+        return 0
+    manifest = run_local(sweep, sweep_dir, executor["parallel"], progress=not ns.quiet)
     if manifest["stopped_by"] is not None:
         stopped = [name for name, run in manifest["runs"].items() if run["status"] == "stopped"]
         print(f"sweep stopped by {signal.Signals(manifest['stopped_by']).name}: {len(stopped)} running runs saved "
@@ -518,12 +524,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=cmd_sweep_plan)
     run = sweep_commands.add_parser("run", help="run (or resume) a sweep",
                                     description="Run every unfinished run of the sweep; finished runs are skipped, "
-                                                "unfinished ones resume from their checkpoints.")
+                                                "unfinished ones resume from their checkpoints. --dry-run shows "
+                                                "which, and each run's command, without running anything.")
     run.add_argument("file", metavar="SWEEP.yaml")
     run.add_argument("--dir", help="sweep directory (default runs/sweeps/<sweep file name>)")
     run.add_argument("--executor", choices=["local", "slurm"], help="override the sweep file's executor")
     run.add_argument("--parallel", type=int, help="concurrent runs (local) or array-task limit (slurm)")
-    run.add_argument("--dry-run", action="store_true", help="slurm: print the job script instead of submitting")
+    run.add_argument("--dry-run", action="store_true",
+                     help="run nothing: list every run (finished, would resume, or would start) with its train "
+                          "command; slurm: print the job script (written to DIR/sweep.sbatch) instead of submitting")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_sweep_run)
     one = sweep_commands.add_parser("run-one", help="run one run of a sweep (what each SLURM array task does)",

@@ -1,5 +1,6 @@
 """Shared small shapes so the suite compiles few functions and stays fast."""
 
+import numpy as np
 import pytest
 
 from maxllama.config import load_config
@@ -21,3 +22,14 @@ def small_config(*overrides: str):
 @pytest.fixture(scope="session")
 def small_cfg():
     return small_config()
+
+
+def kl_divergence(reference, logits) -> float:
+    """Mean KL(softmax(reference) || softmax(logits)) per token, in float64 numpy: in float32 (JAX without
+    jax_enable_x64) the sum's rounding alone is ~3e-8 nats, of either sign."""
+    def log_softmax(x):
+        x = np.asarray(x, np.float64)
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    p, q = log_softmax(reference), log_softmax(logits)
+    return float(np.mean(np.sum(np.exp(p) * (p - q), axis=-1)))

@@ -116,7 +116,35 @@ def test_validation_split_is_by_document_and_stable():
     files = stdlib_files()
     held = [f for f in files if held_out(f.relative_to(stdlib_root()).as_posix(), 0.02)]
     assert 0.005 < len(held) / len(files) < 0.05
-    assert held_out("json/decoder.py", 0.5) == held_out("json/decoder.py", 0.5)
+    # A function of the id alone (SHA-256), the same in every process and on every machine: these values were
+    # computed once; Python's salted hash() would change them from one process to the next.
+    assert [held_out(f"doc{i:02d}.txt", 0.5) for i in range(12)] == [True, True, False, False, False, True, True,
+                                                                     False, True, False, False, True]
+    assert not held_out("json/decoder.py", 0.5)
+
+
+def _markers(batches) -> set[int]:
+    """The document numbers `<07>` in a list of batches' inputs (bytes; special tokens dropped)."""
+    import re
+    text = b"".join(bytes(int(t) for t in row if t < 256) for batch in batches for row in batch["inputs"])
+    return {int(m) for m in re.findall(rb"<(\d\d)>", text)}
+
+
+def test_validation_documents_are_never_trained_on(tmp_path):
+    for i in range(40):  # every document says its number, and nothing else
+        (tmp_path / f"doc{i:02d}.txt").write_text(f"<{i:02d}>" * 20)
+    cfg = small_config(f"data.sources=[{{path: {tmp_path}}}]", "data.val_fraction=0.25", "train.seq_len=16",
+                       "model.attn_chunk=8", "train.batch_size=2", "train.eval_batches=100")
+    data = build_datasets(cfg)
+    (source,) = data.sources
+    split = {name: {int(bytes(doc[1:-1].tolist())[1:3]) for doc in arrays.read_ranges(
+                 [(a, b) for a, b in zip(arrays.doc_starts, [*arrays.doc_starts[1:], arrays.n_tokens])])}
+             for name, arrays in source.splits.items()}
+    assert split["validation"] == {i for i in range(40) if held_out(f"doc{i:02d}.txt", 0.25)}
+    assert split["train"] == set(range(40)) - split["validation"] and len(split["validation"]) >= 5
+    # What evaluation reads is held out, and what training reads (several epochs of it) never is.
+    assert _markers(data.validation) == split["validation"]
+    assert _markers([data.train[step] for step in range(200)]) == split["train"]
 
 
 # --- packing -------------------------------------------------------------------------------------------------------

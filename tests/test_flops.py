@@ -33,8 +33,11 @@ def test_forward_flops_on_the_small_config_by_hand():
 
 
 def test_flop_count_agrees_with_xla_cost_analysis():
-    cfg = small_config("model.d_model=256", "model.n_heads=4", "model.n_kv_heads=4", "model.d_ff=512",
-                       "model.d_ff_expert=256", "model.moe_dispatch=dense", "train.grad_clip=null",
+    # Attention-heavy (T = 256 against d = 128: the [T, T] scores are 18% of the count) with a vocabulary large
+    # enough that the unembedding is another 18%; one dense RoPE layer and one MoE NoPE layer.
+    cfg = small_config("model.d_model=128", "model.n_heads=2", "model.n_kv_heads=2", "model.d_ff=256",
+                       "model.d_ff_expert=128", "model.n_layers=2", "model.vocab_size=1024", "train.seq_len=256",
+                       "model.attn_chunk=64", "model.moe_dispatch=dense", "train.grad_clip=null",
                        # XLA's cost analysis counts a while-loop body once, whatever its trip count.
                        "model.scan_layers=false")
     sharding = LogicalSharding(build_mesh(cfg.mesh))
@@ -50,7 +53,11 @@ def test_flop_count_agrees_with_xla_cost_analysis():
     xla_flops = (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
     # XLA computes what the program does: full [T, T] scores and, with dense dispatch, every expert.
     ours = train_flops_per_token(cfg.model, t, executed=True) * b * t
-    assert abs(xla_flops - ours) / ours < 0.10
+    # XLA also counts what the convention leaves out (softmax, norms, the optimizer), never less than the
+    # matmuls: measured 1.7% more. Leaving out the unembedding or the attention scores would give +24%.
+    gap = (xla_flops - ours) / ours
+    print(f"\nXLA counts {gap:+.2%} against ours")
+    assert 0 <= gap < 0.03
 
 
 def test_peak_table_prefers_the_most_specific_name():

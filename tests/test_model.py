@@ -7,7 +7,7 @@ from maxllama.model.build import bind, define_model, init_params
 from maxllama.model.param_count import count_params
 from maxllama.parallel.mesh import build_mesh
 from maxllama.parallel.rules import DEFAULT_RULES, LogicalSharding
-from tests.conftest import small_config
+from tests.conftest import kl_divergence, small_config
 
 SHARDING = LogicalSharding(build_mesh(small_config().mesh))
 IS_META = lambda x: isinstance(x, dict) and "role" in x  # noqa: E731
@@ -80,15 +80,37 @@ def test_scanned_groups_equal_unrolled_layers(n_layers):
     np.testing.assert_allclose(a.moe.expert_load, b.moe.expert_load)
 
 
+def primitive_names(jaxpr) -> set[str]:
+    """Every primitive in a jaxpr, including those inside scan, checkpoint, pjit and other sub-jaxprs."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else [value]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    names |= primitive_names(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    names |= primitive_names(sub)
+    return names
+
+
 def test_remat_changes_memory_not_gradients(small):
     cfg, model, params = small
-    remat_cfg, remat_model, _ = make("model.remat=full")
+    _, remat_model, _ = make("model.remat=full")
     tokens = tokens_for(cfg)
 
-    def grads(m):
-        return jax.grad(lambda p: jnp.mean(bind(m, p)(tokens).logits ** 2))(params)
+    def grad_fn(m):
+        return jax.grad(lambda p: jnp.mean(bind(m, p)(tokens).logits ** 2))
 
-    for g1, g2 in zip(jax.tree.leaves(grads(model)), jax.tree.leaves(grads(remat_model))):
+    plain, remat = grad_fn(model), grad_fn(remat_model)
+    remat_primitives = {"remat2", "checkpoint"}  # jax.checkpoint's primitive, named "remat2" in JAX 0.10
+    assert remat_primitives & primitive_names(jax.make_jaxpr(remat)(params).jaxpr)
+    assert not remat_primitives & primitive_names(jax.make_jaxpr(plain)(params).jaxpr)
+    # The backward pass recomputes the layers instead of keeping their activations: XLA's temporaries for
+    # this batch of 2 measured 1.70 MB without remat and 0.88 MB with it (ratio 0.52).
+    temp = [jax.jit(f).lower(params).compile().memory_analysis().temp_size_in_bytes for f in (plain, remat)]
+    assert temp[1] < 0.75 * temp[0], temp
+    for g1, g2 in zip(jax.tree.leaves(plain(params)), jax.tree.leaves(remat(params))):
         np.testing.assert_allclose(g1, g2, atol=1e-6)
 
 
@@ -105,10 +127,10 @@ def test_bf16_compute_is_close_to_fp32(small):
     cfg, model, params = small
     _, bf16_model, _ = make("model.compute_dtype=bfloat16")
     tokens = tokens_for(cfg)
-    p32 = jax.nn.log_softmax(bind(model, params)(tokens).logits)
-    p16 = jax.nn.log_softmax(bind(bf16_model, params)(tokens).logits)
-    kl = float(jnp.mean(jnp.sum(jnp.exp(p32) * (p32 - p16), -1)))
-    assert 0 <= kl < 1e-3
+    kl = kl_divergence(bind(model, params)(tokens).logits, bind(bf16_model, params)(tokens).logits)
+    # Measured 2.6e-7 (largest |logit difference| 3.3e-3); the ceiling is ~10x that. The floor catches an
+    # ignored compute_dtype, which gives 0.
+    assert 1e-8 < kl < 3e-6
 
 
 def test_param_count_matches_analytic_formula(small):

@@ -29,33 +29,47 @@ EQUIVALENCE = textwrap.dedent("""
     sys.path.insert(0, os.getcwd())
     import jax
     from tests.conftest import small_config
+    import maxllama.train.loop as loop
     from maxllama.train.loop import train
     from maxllama.train.metrics import read_metrics
+    peaks = []  # the peak each run divides by: the real measurement, recorded
+    real_peak = loop.peak_flops_per_device
+    loop.peak_flops_per_device = lambda *a: peaks.append(real_peak(*a)) or peaks[-1]
     base = ["train.steps=10", "optim.warmup_steps=2", "train.batch_size=8", "train.eval_every=1000",
             "train.log_every=1", "train.eval_batches=1", "logging.progress=false", "logging.tensorboard=false"]
-    meshes = json.loads(sys.argv[2])
+    meshes, flops_per_token = json.loads(sys.argv[2]), float(sys.argv[3])
     results = {}
     for name, overrides in [("1 device", None), *meshes.items()]:
         run_dir = os.path.join(sys.argv[1], str(len(results)))
         cfg = small_config(*base, f"run.dir={run_dir}", *(overrides or []))
-        train(cfg, log=lambda *_: None, devices=jax.devices()[:1] if overrides is None else None)
-        results[name] = [row["loss"] for row in read_metrics(run_dir)]
+        devices = jax.devices()[:1] if overrides is None else jax.devices()
+        train(cfg, log=lambda *_: None, devices=devices)
+        rows = read_metrics(run_dir)
+        # MFU = tokens/s x FLOPs per token / (peak per device x devices), by the hand count of the FLOPs
+        mfu_error = max(abs(r["mfu"] * peaks[-1][0] * len(devices) / (r["tokens_per_s"] * flops_per_token) - 1)
+                        for r in rows)
+        results[name] = {"losses": [r["loss"] for r in rows], "mfu_error": mfu_error}
     print(json.dumps(results))
 """)
 
 
 @pytest.mark.slow  # over a minute each on 2 cores: `make test-slow`
 def test_losses_match_the_one_device_run_on_every_mesh(tmp_path):
-    result = subprocess.run([sys.executable, "-c", EQUIVALENCE, str(tmp_path), json.dumps(MESHES)],
-                            capture_output=True, text=True, timeout=900)
+    from tests.test_train import SMALL_MODEL_TRAIN_FLOPS_PER_TOKEN
+    result = subprocess.run([sys.executable, "-c", EQUIVALENCE, str(tmp_path), json.dumps(MESHES),
+                             str(SMALL_MODEL_TRAIN_FLOPS_PER_TOKEN)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    losses = json.loads(result.stdout.strip().splitlines()[-1])
-    reference = losses.pop("1 device")
-    assert len(reference) == 10
-    for name, values in losses.items():
-        worst = max(abs(a - b) / abs(b) for a, b in zip(values, reference))
+    runs = json.loads(result.stdout.strip().splitlines()[-1])
+    reference = runs.pop("1 device")
+    assert len(reference["losses"]) == 10
+    assert reference["mfu_error"] < 1e-9
+    for name, run in runs.items():
+        worst = max(abs(a - b) / abs(b) for a, b in zip(run["losses"], reference["losses"]))
         print(f"\n{name:<20} max relative loss difference {worst:.1e}")
-        assert worst <= 1e-5, name
+        # Measured 2.5e-7 to 2.8e-7 on every mesh (3 float32 ulps of a loss near 5: reductions split over
+        # devices add in another order); a sharding bug moves the losses far more.
+        assert worst <= 1e-6, name
+        assert run["mfu_error"] < 1e-9, name  # the peak is per device: 8 devices, 8x the peak
 
 
 def test_rules_table_covers_every_logical_axis_and_uses_a_mesh_axis_once():
@@ -77,7 +91,8 @@ def test_invalid_meshes_are_clear_errors():
         load_config(None, ["mesh.rules={expert: experts}"])
 
 
-TWO_PROCESS_RUN = ["train.steps=10", "optim.warmup_steps=2", "train.batch_size=8", "train.eval_every=1000",
+# 20 steps, a checkpoint every 5: the SIGTERM sent once checkpoint 5 exists finds the job still training.
+TWO_PROCESS_RUN = ["train.steps=20", "optim.warmup_steps=2", "train.batch_size=8", "train.eval_every=1000",
                    "train.log_every=1", "train.eval_batches=1", "logging.progress=false", "logging.tensorboard=false",
                    "checkpoint.every_steps=5"]
 
@@ -92,26 +107,51 @@ def test_two_processes_train_checkpoint_and_resume_like_one_process(tmp_path):
     import os
     import signal
     import time
+
+    import jax
+    import numpy as np
+    from maxllama.checkpoint.manager import Checkpointer
+    from maxllama.checkpoint.model_dir import load_model_dir
     from maxllama.train.metrics import read_metrics
+    from maxllama.train.resume import read_config_history
+
+    def two_processes(run_dir):
+        return ["launch/local/run.sh", "2", "4", "--", *_train_command(run_dir)]
+
     reference = subprocess.run(_train_command(tmp_path / "one"), capture_output=True, text=True, timeout=600,
                                env={**os.environ, "MAXLLAMA_CPU_DEVICES": "8"})
     assert reference.returncode == 0, reference.stderr[-2000:]
-    launcher = ["launch/local/run.sh", "2", "4", "--", *_train_command(tmp_path / "two")]
-    first = subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    uninterrupted = subprocess.run(two_processes(tmp_path / "uninterrupted"), capture_output=True, text=True,
+                                   timeout=600)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+    first = subprocess.Popen(two_processes(tmp_path / "two"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (tmp_path / "two" / "checkpoints" / "5").exists():
         assert first.poll() is None and time.time() < deadline, first.communicate()[1][-2000:]
         time.sleep(0.1)
     first.send_signal(signal.SIGTERM)  # both processes save the step they agree on, then exit 75
     _, err = first.communicate(timeout=300)
-    assert first.returncode in (0, 75), err[-2000:]
-    second = subprocess.run(launcher, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 75, err[-2000:]  # preempted: requeue me (0 would mean it finished unsignalled)
+    checkpointer = Checkpointer(tmp_path / "two" / "checkpoints")
+    saved = checkpointer.latest_step()
+    checkpointer.close()
+    assert 5 <= saved < 20
+    second = subprocess.run(two_processes(tmp_path / "two"), capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
+    history = read_config_history(tmp_path / "two")
+    assert [(row["event"], row["step"]) for row in history] == [("start", 0), ("resume", saved)]
+    two = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "two")]
+    assert [step for step, _ in two] == list(range(1, 21))  # every step logged once, none lost or repeated
+    # Preempted and resumed, the job computes what it computes uninterrupted: the same floats.
+    assert dict(two) == {r["step"]: r["loss"] for r in read_metrics(tmp_path / "uninterrupted")}
+    resumed, unbroken = load_model_dir(tmp_path / "two"), load_model_dir(tmp_path / "uninterrupted")  # on 1 device
+    assert resumed.step == unbroken.step == 20
+    for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(unbroken.params)):
+        np.testing.assert_array_equal(a, b)
+    # One process of 8 devices reduces across devices in another order than 2 x 4 with gloo collectives:
+    # measured 1.1e-7 relative (1 float32 ulp), from step 1 on.
     one = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "one")}
-    two = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "two")}
-    assert sorted(two) == list(range(1, 11))
-    for step in one:
-        assert abs(one[step] - two[step]) <= 1e-5 * abs(one[step]), step
+    assert max(abs(loss - one[step]) / abs(one[step]) for step, loss in two) <= 1e-6
 
 
 def test_preflight_reports_per_device_memory_and_refuses_what_does_not_fit():

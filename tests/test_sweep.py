@@ -71,7 +71,7 @@ def test_a_zip_kept_in_its_own_file_expands_as_if_written_inline(tmp_path):
     with pytest.raises(ConfigError, match=r"zip: file not found: .*nowhere.yaml"):
         load_sweep(write_sweep(tmp_path, "base: base.yaml\nzip: nowhere.yaml\n", "bad.yaml"))
     (tmp_path / "list.yaml").write_text("[1, 2]\n")
-    with pytest.raises(ConfigError, match=r"grid: .*list.yaml must hold a mapping"):
+    with pytest.raises(ConfigError, match=r"grid: .*list.yaml: top level must be a mapping"):
         load_sweep(write_sweep(tmp_path, "base: base.yaml\ngrid: list.yaml\n", "bad2.yaml"))
 
 
@@ -134,21 +134,39 @@ def test_report_numbers_equal_the_runs_metrics(ran_sweep):
     assert 1e-3 * 0.999 <= optimum.x <= 3e-2 * 1.001
 
 
+def _saved_params(run_dir, step):
+    import orbax.checkpoint as ocp
+    from maxllama.checkpoint.manager import Checkpointer
+    checkpointer = Checkpointer(run_dir / "checkpoints")
+    params = checkpointer.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore())).params
+    checkpointer.close()
+    return params
+
+
 def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(ran_sweep):
+    import jax
+    from maxllama.train.resume import read_config_history
     sweep_file, out, _ = ran_sweep
     sweep = load_sweep(sweep_file)
     done = [r for r in sweep.runs if "stdlib" in r.name]
     untouched, partial = out / "runs" / done[0].name, out / "runs" / done[1].name
     stamp = (untouched / "metrics.jsonl").stat().st_mtime
     lines = (partial / "metrics.jsonl").read_text().splitlines()
+    uninterrupted = [json.loads(line)["loss"] for line in lines], _saved_params(partial, 6)
     (partial / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")  # as if it died after step 3...
     shutil.rmtree(partial / "checkpoints" / "6")  # ...having saved step 3 only
     result = subprocess.run([sys.executable, "-m", "maxllama", "sweep", "run", str(sweep_file), "--dir", str(out),
                              "--quiet"], capture_output=True, text=True, timeout=900)
     assert "already finished" in result.stdout
     assert (untouched / "metrics.jsonl").stat().st_mtime == stamp  # finished: not run again
-    assert "resumed from" in (partial / "train.log").read_text()
-    assert [json.loads(line)["step"] for line in (partial / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+    assert read_config_history(partial)[-1]["event"] == "resume" and read_config_history(partial)[-1]["step"] == 3
+    rows = (partial / "metrics.jsonl").read_text().splitlines()
+    assert rows[:3] == lines[:3]  # steps 1-3 kept as logged (their timings too), not trained again
+    assert [json.loads(line)["step"] for line in rows] == list(range(1, 7))
+    # Resumed at step 3, the run ends where it ended uninterrupted: the same losses and parameters, bitwise.
+    assert [json.loads(line)["loss"] for line in rows] == uninterrupted[0]
+    for a, b in zip(jax.tree.leaves(_saved_params(partial, 6)), jax.tree.leaves(uninterrupted[1]), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_a_run_trained_with_other_settings_is_neither_counted_nor_resumed(ran_sweep):

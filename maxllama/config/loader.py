@@ -41,45 +41,70 @@ def parse_scalar(text: str) -> Any:
     """An override's value, parsed as YAML (`3` -> int, `1e-3` -> float, `null` -> None, `[1,2]` -> list)."""
     try:
         return yaml.load(text, Loader=_Loader) if text.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, TypeError):  # ValueError: a date-like `2024-13-01`; the schema reports it
         return text
 
 
-def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """Parse a YAML mapping; returns (nested dict, {dotted key: 'file:line'})."""
+def _read_text(path: Path, what: str) -> str:
     try:
-        text = path.read_text()
+        return path.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"{what} not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (undecodable byte at offset {e.start}); expected YAML") from None
     except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    loader = _Loader(text)
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
+
+
+def _yaml_error(path: Path, text: str, e: Exception, node: yaml.Node | None = None) -> ConfigError:
+    """One line naming file:line. PyYAML's own messages span several lines; its constructors raise plain
+    ValueError for values they cannot convert (`!!int x`, a date such as 2024-13-01)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None) or getattr(node, "start_mark", None)
+    problem = ", ".join(filter(None, [getattr(e, "context", None), getattr(e, "problem", None)])) or e
+    if isinstance(e, yaml.reader.ReaderError):
+        line, problem = text.count("\n", 0, e.position), f"character #x{e.character:04x}: {e.reason}"
+    else:
+        line = mark.line if mark is not None else None
+    where = f"{path}:{line + 1}" if line is not None else str(path)
+    return ConfigError(f"{where}: invalid YAML: {' '.join(str(problem).split())}")
+
+
+def _read_yaml(path: Path, what: str = "config file") -> tuple[dict[str, Any], dict[str, str]]:
+    """Parse a YAML mapping; returns (nested dict, {dotted key: 'file:line'}); ({}, {}) for an empty file."""
+    text = _read_text(path, what)
     try:
-        node = loader.get_single_node()
+        node = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    finally:
-        loader.dispose()
+        raise _yaml_error(path, text, e) from None
     if node is None:
         return {}, {}
     if not isinstance(node, yaml.MappingNode):
-        raise ConfigError(f"{path}: top level must be a mapping of sections, got {node.tag.rsplit(':', 1)[-1]}")
+        raise ConfigError(f"{path}: top level must be a mapping of keys to values, got a {node.id}")
     origins: dict[str, str] = {}
+
+    def construct(value_node: yaml.Node) -> Any:
+        try:
+            return _Loader("").construct_object(value_node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError) as e:
+            raise _yaml_error(path, text, e, value_node) from None
 
     def walk(mapping: yaml.MappingNode, prefix: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key_node, value_node in mapping.value:
+            line = f"{path}:{key_node.start_mark.line + 1}"
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise ConfigError(f"{line}: a key must be a name, got a {key_node.id}")
             key = str(key_node.value)
+            if not key.isprintable():  # a quoted key with a line break or control character
+                raise ConfigError(f"{line}: a key must be a name, got {key!r:.60}")
             dotted = f"{prefix}{key}"
             if key in out:
-                raise ConfigError(f"{path}:{key_node.start_mark.line + 1}: duplicate key '{dotted}'")
-            origins[dotted] = f"{path}:{key_node.start_mark.line + 1}"
+                raise ConfigError(f"{line}: duplicate key '{dotted}'")
+            origins[dotted] = line
             if isinstance(value_node, yaml.MappingNode) and value_node.value:
                 out[key] = walk(value_node, dotted + ".")
             else:
-                out[key] = _Loader("").construct_object(value_node, deep=True)
+                out[key] = construct(value_node)
         return out
 
     return walk(node, ""), origins
@@ -99,6 +124,9 @@ def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any]
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base:' chain loops back to itself")
     data, origins = _read_yaml(path)
+    if not data:  # an empty file would silently train the defaults
+        raise ConfigError(f"{path}: the config file is empty; write at least one setting (e.g. `train: {{steps: "
+                          f"100}}`), or `base: other.yaml` to start from another config")
     base = data.pop(BASE_KEY, None)
     origins.pop(BASE_KEY, None)
     if base is None:
@@ -166,7 +194,7 @@ def _check_unknown_keys(data: Mapping[str, Any], origins: Mapping[str, str],
                 siblings = [prefix + k for k in model.model_fields]
                 close = difflib.get_close_matches(dotted, siblings, n=3, cutoff=0.5)
             hint = f"; did you mean {' or '.join(close)}?" if close else f"; valid keys here: {', '.join(model.model_fields)}"
-            raise ConfigError(f"{_where(origins, dotted)}unknown key '{dotted}'{hint}")
+            raise ConfigError(f"{_where(origins, dotted)}unknown key {dotted!r}{hint}")
         section = _section_type(field.annotation)
         if section is not None and isinstance(value, Mapping):
             _check_unknown_keys(value, origins, section, dotted + ".")
@@ -217,13 +245,19 @@ def build_config(data: Mapping[str, Any], origins: Mapping[str, str] | None = No
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> tuple[Config, dict[str, str]]:
     """Resolve a config file (or the defaults, for None) with overrides. Returns (config, {key: origin})."""
     data, origins = _load_chain(Path(path)) if path is not None else ({}, {})
-    transferred = apply_overrides(copy.deepcopy(data), dict(origins), overrides).get("metap", {}).get(FROM_KEY)
+    transferred = _metap(apply_overrides(copy.deepcopy(data), dict(origins), overrides)).get(FROM_KEY)
     if transferred is not None:
         data = _apply_transferred(data, origins, transferred, Path(path).parent if path is not None else Path("."))
     data = apply_overrides(data, origins, overrides)
-    data.get("metap", {}).pop(FROM_KEY, None)
+    _metap(data).pop(FROM_KEY, None)
     cfg = build_config(data, origins)
     return cfg, origins
+
+
+def _metap(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The metap section; {} when absent or not a mapping (which the schema then reports)."""
+    section = data.get("metap")
+    return section if isinstance(section, dict) else {}
 
 
 def _apply_transferred(data: dict[str, Any], origins: dict[str, str], source: Any, config_dir: Path) -> dict[str, Any]:
@@ -234,8 +268,7 @@ def _apply_transferred(data: dict[str, Any], origins: dict[str, str], source: An
     path = next((p for p in (config_dir / source, Path(source)) if p.exists()), None)
     if path is None:
         raise ConfigError(f"metap.from: file not found: {source} (run `maxllama metap transfer` to write it)")
-    loaded = yaml.safe_load(path.read_text()) or {}
-    values = loaded.get(TRANSFERRED_KEY) if isinstance(loaded, dict) else None
+    values = _read_yaml(path, "metap.from file")[0].get(TRANSFERRED_KEY)
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: has no '{TRANSFERRED_KEY}:' mapping of dotted keys; is it from `maxllama metap transfer`?")
     for key, value in values.items():

@@ -353,7 +353,9 @@ def validate_consistency(cfg: Config) -> list[tuple[str, str]]:
     check(o.warmup_steps <= t.steps, "optim.warmup_steps",
           f"warmup ({o.warmup_steps}) is longer than the run (train.steps = {t.steps})")
     check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
-    check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1", f"Adam betas must be in [0, 1), got {o.b1}, {o.b2}")
+    for beta in ("b1", "b2"):
+        value = getattr(o, beta)
+        check(0 <= value < 1, f"optim.{beta}", f"Adam betas must be in [0, 1), got {value}")
     if o.schedule == "wsd":
         check(0 < o.decay_fraction <= 1, "optim.decay_fraction", f"must be in (0, 1], got {o.decay_fraction}")
         decay_steps = int(round(o.decay_fraction * t.steps))

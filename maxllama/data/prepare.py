@@ -21,12 +21,12 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from maxllama.config import ConfigError
 from maxllama.config.schema import SourceConfig
 from maxllama.data.sources import document_root, held_out, iter_documents, resolve_files, source_format
-from maxllama.data.store import MANIFEST, SPLITS, concatenate_documents, create_array, read_manifest, token_dtype
+from maxllama.data.store import (MANIFEST, PARTS, SPLITS, concatenate_documents, create_array, read_manifest,
+                                 token_dtype)
 from maxllama.data.tokenizer import Tokenizer, make_tokenizer
-
-PARTS = ".parts"
 
 
 class WorkUnit(NamedTuple):
@@ -84,7 +84,8 @@ def plan_units(sources: Sequence[SourceConfig]) -> list[WorkUnit]:
     for i, source in enumerate(sources):
         fmt = source_format(source.path, source.format)
         if fmt == "store":
-            raise ValueError(f"data.sources[{i}].path: {source.path} is already a token store")
+            raise ConfigError(f"data.sources[{i}].path: {source.path} is already a token store; train on it with "
+                              f"data.sources=[{{path: {source.path}}}]")
         files = resolve_files(source, f"data.sources[{i}].path")
         prefix = document_root(files)
         for path in files:
@@ -162,7 +163,8 @@ def _assemble(out_dir: Path, units: list[WorkUnit], tokenizer: Tokenizer, source
         starts_array = create_array(str(out_dir / split / "doc_starts"), n_docs[split], "int64")
         if n_docs[split]:
             starts_array[0:n_docs[split]].write(all_starts).result()
-        splits[split] = {"tokens": sizes[split], "documents": n_docs[split], "sha256": digest.hexdigest()}
+        splits[split] = {"tokens": sizes[split], "documents": n_docs[split], "sha256": digest.hexdigest(),
+                         "starts_sha256": hashlib.sha256(all_starts.tobytes()).hexdigest()}
     return {
         "format": "maxllama-token-store-v1",
         "tokenizer": {"spec": tokenizer.name, "fingerprint": tokenizer.fingerprint(),

@@ -2,8 +2,11 @@
 standard library, local or anywhere fsspec reaches (gs://, s3://, ...).
 
 Bad records never stop a run and are never dropped silently: each one is skipped (or repaired) and counted
-by reason in a `Counter` the caller reports. A path that does not exist or matches no file is a config
-error, raised before any work starts.
+by reason in a `Counter` the caller reports (`maxllama prepare` and the training log print it). So is a
+whole file that cannot be read: an I/O error, binary garbage, or a truncated or foreign Parquet file counts
+as `unreadable_file` (a Parquet row group as `unreadable_row_group`), a garbage JSONL line as
+`invalid_json`. A path that does not exist or matches no file is a config error, raised before any work
+starts, and so is a Parquet file without the configured column.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from typing import Iterator, NamedTuple
 from maxllama.config import ConfigError
 from maxllama.config.schema import SourceConfig
 from maxllama.data.corpus import stdlib_files
+from maxllama.data.store import MANIFEST, PARTS
 
 STDLIB = "stdlib"
-MANIFEST = "manifest.json"
 
 
 class Document(NamedTuple):
@@ -37,8 +40,10 @@ def source_format(path: str, declared: str) -> str:
         return declared
     if path == STDLIB:
         return "text"
-    if (not is_remote(path) and (Path(path) / MANIFEST).exists()) or (is_remote(path) and _remote_exists(
-            f"{path.rstrip('/')}/{MANIFEST}")):
+    # A folder with .parts/ but no manifest is an interrupted `prepare`: a store (which refuses to open), never
+    # a folder of text files, or its parts would be trained on as documents.
+    if (not is_remote(path) and any((Path(path) / name).exists() for name in (MANIFEST, PARTS))) or (
+            is_remote(path) and _remote_exists(f"{path.rstrip('/')}/{MANIFEST}")):
         return "store"
     suffix = path.rsplit(".", 1)[-1].lower() if "." in path.rsplit("/", 1)[-1] else ""
     return {"jsonl": "jsonl", "json": "jsonl", "parquet": "parquet"}.get(suffix, "text")
@@ -109,6 +114,17 @@ def _usable(text, skipped: Counter) -> bool:
     return True
 
 
+def _encodable(text: str, skipped: Counter) -> str:
+    """JSON can escape lone surrogates ("\\ud800"), which no tokenizer encodes: replaced and counted. (Only
+    escapes make them: raw surrogate bytes are invalid UTF-8, so such a line is invalid JSON.)"""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        skipped["repaired_lone_surrogates"] += 1
+        return text.encode("utf-8", errors="replace").decode("utf-8")
+
+
 def iter_documents(path: str, fmt: str, field: str, skipped: Counter, id_prefix: str = "") -> Iterator[Document]:
     """Documents of one file; bad records are skipped and counted in `skipped` by reason."""
     doc_id = path[len(id_prefix):] if id_prefix and path.startswith(id_prefix) else path
@@ -131,24 +147,25 @@ def iter_documents(path: str, fmt: str, field: str, skipped: Counter, id_prefix:
             continue  # blank lines separate nothing in JSONL: not records
         try:
             record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep
             skipped["invalid_json"] += 1
             continue
         text = record.get(field) if isinstance(record, dict) else None
         if _usable(text, skipped):
-            yield Document(f"{doc_id}:{line_number}", text)
+            yield Document(f"{doc_id}:{line_number}", _encodable(text, skipped) if b"\\u" in line else text)
 
 
 def _parquet_documents(path: str, field: str, skipped: Counter, doc_id: str) -> Iterator[Document]:
     import pyarrow.parquet as pq
     try:
         parquet = pq.ParquetFile(path if not is_remote(path) else _open_remote(path))
+        columns = parquet.schema_arrow.names
     except Exception:  # pyarrow raises several types for truncated or foreign files
         skipped["unreadable_file"] += 1
         return
-    if field not in parquet.schema_arrow.names:
+    if field not in columns:
         raise ConfigError(f"data.sources: {path} has no column '{field}' (columns: "
-                          f"{', '.join(parquet.schema_arrow.names)}); set the source's 'field'")
+                          f"{', '.join(map(repr, columns))[:200]}); set the source's 'field'")
     row = 0
     for group in range(parquet.num_row_groups):
         try:

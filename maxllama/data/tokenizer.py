@@ -168,8 +168,10 @@ def make_tokenizer(spec: str) -> Tokenizer:
             return SentencePieceTokenizer(path)
     except ImportError as e:
         raise ConfigError(f"data.tokenizer: {spec} needs the '{e.name}' package; pip install {e.name}") from None
-    except Exception as e:  # the libraries raise their own types for malformed files
-        raise ConfigError(f"data.tokenizer: {spec} could not be loaded ({e})") from None
+    except Exception as e:  # the libraries raise their own types (and multi-line messages) for malformed files
+        reason = " ".join(str(e).split())[:200]
+        raise ConfigError(f"data.tokenizer: {spec} could not be loaded ({reason}); is it a complete "
+                          f"{'tokenizer.json' if path.suffix == '.json' else 'SentencePiece model'}?") from None
     raise ConfigError(f"data.tokenizer: {spec}: expected 'byte', a .json (Hugging Face) or .model (SentencePiece)")
 
 

@@ -57,9 +57,12 @@ def _read_hf_config(hf_dir: Path) -> dict:
     if not path.exists():
         raise InteropError(f"{path}: not found; an HF checkpoint directory has config.json and safetensors")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        hf = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:  # invalid JSON or UTF-8; nested too deep
         raise InteropError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise InteropError(f"{path}: must be a JSON object of fields, got {type(hf).__name__}")
+    return hf
 
 
 def imported_config(hf: dict, out_dir: Path, overrides: Sequence[str] = ()):
@@ -72,6 +75,16 @@ def imported_config(hf: dict, out_dir: Path, overrides: Sequence[str] = ()):
         return build_config(apply_overrides(data, {}, overrides))
     except ConfigError as e:
         raise InteropError(f"config.json maps to an invalid maxllama config: {e}") from None
+
+
+def import_config(hf_dir: Path, out_dir: Path, overrides: Sequence[str] = ()):
+    """(the maxllama config of HF_DIR/config.json, the weight-name prefix of its text model)."""
+    hf = _read_hf_config(hf_dir)
+    try:
+        _, prefix = text_config(hf)
+        return imported_config(hf, out_dir, overrides), prefix
+    except InteropError as e:  # the mapping's messages start with 'config.json': name its folder too
+        raise InteropError(f"{hf_dir}/{e}") from None
 
 
 def _assign(target: np.ndarray, index: int | None, value: np.ndarray, name: str) -> None:
@@ -94,9 +107,7 @@ def _convert(rule, array: np.ndarray, name: str) -> tuple[np.ndarray, ...]:
 def hf_import(hf_dir: str | Path, out_dir: str | Path, overrides: Sequence[str] = (), log=print) -> Path:
     """Convert an HF Llama 4 (text) checkpoint into a maxllama model directory; returns it."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    hf = _read_hf_config(hf_dir)
-    _, prefix = text_config(hf)
-    cfg = imported_config(hf, out_dir, overrides)
+    cfg, prefix = import_config(hf_dir, out_dir, overrides)
     reader = SafetensorsReader(hf_dir)
     sharding = LogicalSharding(build_mesh(cfg.mesh, jax.devices()[:1]))
     model = define_model(cfg, sharding)

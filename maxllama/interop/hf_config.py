@@ -18,21 +18,54 @@ MULTIMODAL_MODEL_TYPES = ("llama4",)
 
 def text_config(hf: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
     """(the text model's config, the weight-name prefix of the text model)."""
+    if not isinstance(hf, Mapping):
+        raise InteropError(f"config.json: must be a JSON object of fields, got {type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type in TEXT_MODEL_TYPES:
         return hf, ""
     if model_type in MULTIMODAL_MODEL_TYPES:
-        if "text_config" not in hf:
-            raise InteropError("config.json: model_type 'llama4' without 'text_config'")
-        return hf["text_config"], "language_model."
-    raise InteropError(f"config.json: model_type {model_type!r} is not a Llama 4 model "
+        return _get(hf, "text_config", dict), "language_model."
+    raise InteropError(f"config.json: model_type {model_type!r:.40} is not a Llama 4 model "
                        f"(expected one of {', '.join(TEXT_MODEL_TYPES + MULTIMODAL_MODEL_TYPES)})")
 
 
-def _require(hf: Mapping[str, Any], key: str) -> Any:
-    if key not in hf or hf[key] is None:
-        raise InteropError(f"config.json: required field '{key}' is missing")
-    return hf[key]
+_REQUIRED = object()
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+          dict: "an object"}
+
+
+MAX_LAYERS = 4096  # far beyond any Llama 4 (48): a larger count is a corrupt file, and layer lists are built per layer
+
+
+def _get(hf: Mapping[str, Any], key: str, kind: type, default: Any = _REQUIRED, minimum: int | None = None,
+         maximum: int | None = None) -> Any:
+    """hf[key], checked to be of `kind` (and within [minimum, maximum]); `default` when absent or null. Checked
+    here, before any arithmetic on it, so a wrong type is reported by name rather than as a crash."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise InteropError(f"config.json: required field '{key}' is missing")
+        return default
+    if kind in (float, bool):  # flags may be written as 0/1 (early Llama 4 configs have attn_temperature_tuning: 4)
+        ok = isinstance(value, (int, float) if kind is float else int)
+    else:
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+    if not ok:
+        raise InteropError(f"config.json: '{key}' must be {_KINDS[kind]}, got {value!r:.40}")
+    if kind is float and maximum is None:
+        maximum = 1e308  # float() of a larger integer overflows
+    if minimum is not None and value < minimum:
+        raise InteropError(f"config.json: '{key}' must be >= {minimum}, got {value!r:.40}")
+    if maximum is not None and abs(value) > maximum:
+        raise InteropError(f"config.json: '{key}' must be at most {maximum}, got {value!r:.40}")
+    return kind(value) if kind in (float, bool) else value
+
+
+def _layer_list(hf: Mapping[str, Any], key: str) -> list[int] | None:
+    layers = _get(hf, key, list, None)
+    if layers is not None and not all(isinstance(i, int) for i in layers):
+        raise InteropError(f"config.json: '{key}' must be a list of integers, got {layers!r:.40}")
+    return layers
 
 
 def _period(layers: list[int], n_layers: int, field: str, default_period: int) -> int:
@@ -43,66 +76,66 @@ def _period(layers: list[int], n_layers: int, field: str, default_period: int) -
     for p in candidates:
         if p > 0 and layers == list(range(p - 1, n_layers, p)):
             return p
-    raise InteropError(f"config.json: '{field}' = {layers} is not a regular interleave pattern "
+    raise InteropError(f"config.json: '{field}' = {layers!r:.60} is not a regular interleave pattern "
                        f"(layers p-1, 2p-1, ...), which maxllama cannot represent")
 
 
 def model_config_from_hf(hf_root: Mapping[str, Any]) -> dict[str, Any]:
     """The `model:` section (as a dict for the config loader) of an HF Llama 4 config."""
     hf, _ = text_config(hf_root)
-    if hf.get("tie_word_embeddings"):
+    if _get(hf, "tie_word_embeddings", bool, False):
         raise InteropError("config.json: tie_word_embeddings=true; Llama 4 and maxllama use untied embeddings")
-    if hf.get("attention_bias"):
+    if _get(hf, "attention_bias", bool, False):
         raise InteropError("config.json: attention_bias=true; the Llama 4 text model has no biases")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise InteropError(f"config.json: hidden_act {hf['hidden_act']!r} (only 'silu' SwiGLU is supported)")
-    n_layers = _require(hf, "num_hidden_layers")
-    d_model = _require(hf, "hidden_size")
-    n_heads = _require(hf, "num_attention_heads")
-    interval = hf.get("no_rope_layer_interval", 4)
-    no_rope = hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n_layers)]
+    if _get(hf, "hidden_act", str, "silu") != "silu":
+        raise InteropError(f"config.json: hidden_act {hf['hidden_act']!r:.40} (only 'silu' SwiGLU is supported)")
+    n_layers = _get(hf, "num_hidden_layers", int, minimum=1, maximum=MAX_LAYERS)
+    d_model = _get(hf, "hidden_size", int, minimum=1)
+    n_heads = _get(hf, "num_attention_heads", int, minimum=1)
+    interval = _get(hf, "no_rope_layer_interval", int, 4, minimum=1)
+    no_rope = _layer_list(hf, "no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n_layers)]
     if len(no_rope) != n_layers:
         raise InteropError(f"config.json: 'no_rope_layers' has {len(no_rope)} entries for {n_layers} layers")
     nope_every = _period([i for i, uses_rope in enumerate(no_rope) if not uses_rope], n_layers,
                          "no_rope_layers", interval)
-    step = hf.get("interleave_moe_layer_step", 1)
-    moe_layers = hf.get("moe_layers")
-    moe_layers = list(range(step - 1, n_layers, step)) if moe_layers is None else list(moe_layers)
+    step = _get(hf, "interleave_moe_layer_step", int, 1, minimum=1)
+    moe_layers = _layer_list(hf, "moe_layers")
+    moe_layers = list(range(step - 1, n_layers, step)) if moe_layers is None else moe_layers
     moe_every = _period(moe_layers, n_layers, "moe_layers", step)
 
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = rope.get("rope_theta", hf.get("rope_theta", 500000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope = _get(hf, "rope_parameters", dict, None) or _get(hf, "rope_scaling", dict, None) or {}
+    theta = _get(rope, "rope_theta", float, _get(hf, "rope_theta", float, 500000.0))
+    rope_type = _get(rope, "rope_type", str, _get(rope, "type", str, "default"))
     if rope_type not in ("default", "llama3"):
-        raise InteropError(f"config.json: rope type {rope_type!r} (supported: 'default', 'llama3')")
+        raise InteropError(f"config.json: rope type {rope_type!r:.40} (supported: 'default', 'llama3')")
     scaling = None
     if rope_type == "llama3":
-        scaling = {"factor": float(_require(rope, "factor")),
-                   "low_freq_factor": float(_require(rope, "low_freq_factor")),
-                   "high_freq_factor": float(_require(rope, "high_freq_factor")),
-                   "original_max_position": int(_require(rope, "original_max_position_embeddings"))}
+        scaling = {"factor": _get(rope, "factor", float),
+                   "low_freq_factor": _get(rope, "low_freq_factor", float),
+                   "high_freq_factor": _get(rope, "high_freq_factor", float),
+                   "original_max_position": _get(rope, "original_max_position_embeddings", int, minimum=1)}
     return {
-        "vocab_size": _require(hf, "vocab_size"),
+        "vocab_size": _get(hf, "vocab_size", int, minimum=1),
         "d_model": d_model,
         "n_layers": n_layers,
         "n_heads": n_heads,
-        "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
-        "head_dim": hf.get("head_dim") or d_model // n_heads,
-        "d_ff": _require(hf, "intermediate_size_mlp"),
-        "d_ff_expert": _require(hf, "intermediate_size"),
-        "n_experts": hf.get("num_local_experts", 16),
-        "top_k": hf.get("num_experts_per_tok", 1),
+        "n_kv_heads": _get(hf, "num_key_value_heads", int, None, minimum=1) or n_heads,
+        "head_dim": _get(hf, "head_dim", int, None, minimum=1) or d_model // n_heads,
+        "d_ff": _get(hf, "intermediate_size_mlp", int, minimum=1),
+        "d_ff_expert": _get(hf, "intermediate_size", int, minimum=1),
+        "n_experts": _get(hf, "num_local_experts", int, 16, minimum=1),
+        "top_k": _get(hf, "num_experts_per_tok", int, 1, minimum=1),
         "shared_expert": True,
         "moe_every": moe_every,
         "nope_every": nope_every,
-        "attn_chunk": hf.get("attention_chunk_size"),
-        "qk_norm": bool(hf.get("use_qk_norm", True)),
-        "attn_temperature_tuning": bool(hf.get("attn_temperature_tuning", True)),
-        "attn_scale": float(hf.get("attn_scale", 0.1)),
-        "floor_scale": float(hf.get("floor_scale", 8192)),
-        "rope_theta": float(theta),
+        "attn_chunk": _get(hf, "attention_chunk_size", int, None),
+        "qk_norm": _get(hf, "use_qk_norm", bool, True),
+        "attn_temperature_tuning": _get(hf, "attn_temperature_tuning", bool, True),
+        "attn_scale": _get(hf, "attn_scale", float, 0.1),
+        "floor_scale": _get(hf, "floor_scale", float, 8192.0),
+        "rope_theta": theta,
         "rope_scaling": scaling,
-        "norm_eps": float(hf.get("rms_norm_eps", 1e-5)),
+        "norm_eps": _get(hf, "rms_norm_eps", float, 1e-5),
     }
 
 

@@ -118,11 +118,16 @@ def read_hf_tensor(reader: SafetensorsReader, name: str, expert_count: int) -> n
     if per_expert not in reader:
         raise InteropError(f"tensor '{name}' is missing from the checkpoint (nor is '{per_expert}' there)")
     # Per-expert tensors are torch Linear weights: [out, in]; fused ones are x @ W: [in, out].
-    if name.endswith("gate_up_proj"):
-        return np.stack([np.concatenate([reader.read(f"{base}.{e}.gate_proj.weight").T,
-                                         reader.read(f"{base}.{e}.up_proj.weight").T], axis=-1)
-                         for e in range(expert_count)])
-    return np.stack([reader.read(f"{base}.{e}.down_proj.weight").T for e in range(expert_count)])
+    try:
+        if name.endswith("gate_up_proj"):
+            return np.stack([np.concatenate([reader.read(f"{base}.{e}.gate_proj.weight").T,
+                                             reader.read(f"{base}.{e}.up_proj.weight").T], axis=-1)
+                             for e in range(expert_count)])
+        return np.stack([reader.read(f"{base}.{e}.down_proj.weight").T for e in range(expert_count)])
+    except InteropError:
+        raise
+    except ValueError as e:  # the experts' shapes differ
+        raise InteropError(f"tensors '{base}.*': the per-expert tensors cannot be fused into '{name}' ({e})") from None
 
 
 def hf_names_consumed(name: str, m: ModelConfig) -> list[str]:

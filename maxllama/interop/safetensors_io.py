@@ -9,6 +9,7 @@ checkpoint never holds more than the tensor in flight beyond the model's own cop
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -26,14 +27,60 @@ SINGLE_FILE = "model.safetensors"
 
 
 def _read_header(path: Path) -> tuple[dict, int]:
+    """(tensor entries, start of the data region); every entry checked, so reading a tensor cannot fail on a
+    malformed or truncated file."""
     try:
+        size = path.stat().st_size
         with path.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InteropError(f"{path}: not a readable safetensors file ({e})") from None
+            prefix = f.read(8)
+            length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else size  # under 8 bytes: no header
+            # checked before reading: a garbage length would allocate that much
+            raw = f.read(length) if length <= size - 8 else None
+    except OSError as e:
+        raise InteropError(f"{path}: cannot read it ({e.strerror})") from None
+    if raw is None:
+        raise InteropError(f"{path}: not a safetensors file, or truncated: its header does not fit in its "
+                           f"{size} bytes")
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # invalid JSON or UTF-8; nested too deep
+        raise InteropError(f"{path}: not a safetensors file: its header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise InteropError(f"{path}: the safetensors header must be a JSON object, got {type(header).__name__}")
     header.pop("__metadata__", None)
+    data_size = size - 8 - length
+    for name, entry in header.items():
+        problem = _entry_problem(entry, data_size)
+        if problem:
+            raise InteropError(f"{path}: tensor {name!r}: {problem}")
     return header, 8 + length
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry_problem(entry, data_size: int) -> str | None:
+    """What is wrong with one header entry ({dtype, shape, data_offsets}), or None."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        return "the header entry must be an object with dtype, shape and data_offsets"
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(entry["dtype"], str):
+        return f"dtype must be a string, got {entry['dtype']!r:.40}"
+    if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+        return f"shape must be a list of sizes >= 0, got {shape!r:.40}"
+    if math.prod(max(n, 1) for n in shape) >= 2**56:  # numpy refuses such shapes, even with a zero in them
+        return f"shape {shape!r:.40} is too large"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))
+            and 0 <= offsets[0] <= offsets[1]):
+        return f"data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r:.40}"
+    if offsets[1] > data_size:
+        return (f"data_offsets {offsets} run past the end of the file's {data_size} bytes of tensor data: the file "
+                f"is truncated; copy or download it again")
+    dtype = DTYPES.get(entry["dtype"])
+    if dtype is not None and offsets[1] - offsets[0] != np.dtype(dtype).itemsize * math.prod(shape):
+        return f"{offsets[1] - offsets[0]} bytes do not hold a {entry['dtype']} tensor of shape {shape}"
+    return None
 
 
 class SafetensorsReader:
@@ -44,9 +91,14 @@ class SafetensorsReader:
         index = directory / INDEX_FILE
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+                weight_map = json.loads(index.read_bytes()).get("weight_map")
+            except (ValueError, AttributeError, RecursionError) as e:  # invalid JSON or UTF-8; not an object
                 raise InteropError(f"{index}: malformed index ({e})") from None
+            # Shards are files beside the index: a name with a folder or a line break in it is corruption.
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f.isprintable() and f == Path(f).name
+                                                           for f in weight_map.values()):
+                raise InteropError(f"{index}: malformed index: needs a 'weight_map' object of tensor name -> "
+                                   f"shard file name")
             files = sorted(set(weight_map.values()))
         elif (directory / SINGLE_FILE).exists():
             files = [SINGLE_FILE]
@@ -77,14 +129,10 @@ class SafetensorsReader:
 
     def read(self, name: str) -> np.ndarray:
         path, entry, data_start = self._entry(name)
-        if entry["dtype"] not in DTYPES:
-            raise InteropError(f"tensor '{name}': unsupported dtype {entry['dtype']}")
-        begin, end = entry["data_offsets"]
-        dtype = np.dtype(DTYPES[entry["dtype"]])
-        shape = tuple(entry["shape"])
-        if end - begin != dtype.itemsize * int(np.prod(shape)):
-            raise InteropError(f"tensor '{name}' in {path.name}: byte size does not match shape {shape}")
-        return np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
+        if entry["dtype"] not in DTYPES:  # checked here, not on opening: tensors never read may have any dtype
+            raise InteropError(f"{path}: tensor '{name}': unsupported dtype {entry['dtype']!r:.40}")
+        return np.memmap(path, dtype=DTYPES[entry["dtype"]], mode="r", offset=data_start + entry["data_offsets"][0],
+                         shape=tuple(entry["shape"]))
 
 
 def write_file(path: Path, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -173,6 +174,23 @@ def run_local(sweep: Sweep, sweep_dir: Path, parallel: int = 1, progress: bool =
         list(pool.map(execute, todo))
     bar.close()
     return manifest.data | {"stopped_by": children.stopped_by}
+
+
+def _checkpoint_steps(directory: Path) -> list[int]:
+    """Saved steps of a run directory, from the folder names alone (cheap: no Orbax)."""
+    checkpoints = directory / "checkpoints"
+    return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.is_dir() else []
+
+
+def plan_local(sweep: Sweep, sweep_dir: Path, parallel: int, log=print) -> None:
+    """What `run_local` would do, run by run, without running or writing anything (`--dry-run`)."""
+    log(f"dry run: {len(sweep.runs)} runs of {sweep.base} into {sweep_dir}, {parallel} at a time; nothing is run")
+    for run in sweep.runs:
+        steps = _checkpoint_steps(run_dir(sweep_dir, run))
+        status = ("finished: skipped" if finished(sweep, sweep_dir, run)
+                  else f"would resume from step {steps[-1]}" if steps else "would start")
+        log(f"  {run.name}: {status}")
+        log(f"    {shlex.join(train_command(sweep, sweep_dir, run))}")
 
 
 def slurm_script(sweep: Sweep, sweep_dir: Path, executor: dict) -> str:

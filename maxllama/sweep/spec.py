@@ -14,7 +14,8 @@ executor: {type: local, parallel: 2}   # or {type: slurm, partition: gpu, gpus_p
 `grid`, `zip` and `overrides` may instead name a YAML file that holds the mapping (`zip: width_ladder.yaml`,
 relative to this file), so sweeps over the same ladder share one copy of it.
 Every run's config is validated before anything runs: a key the config lacks or a value of the wrong type is
-reported with the key.
+reported with the key. So is the sweep file itself: each axis must be a non-empty list of values (an empty
+one would plan no runs at all), and a malformed entry is reported with its file and line.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import yaml
 
 from maxllama.config import ConfigError, load_config
-from maxllama.config.loader import _Loader
+from maxllama.config.loader import _read_yaml, _where
 
 SWEEP_KEYS = {"base", "name", "overrides", "grid", "zip", "random", "seeds", "budget", "executor"}
 MAPPING_KEYS = ("overrides", "grid", "zip")  # each a mapping, or the name of a YAML file holding one
@@ -55,19 +56,14 @@ class Sweep:
     executor: dict[str, Any]
 
 
-def _sample(spec: dict, rng: random.Random, key: str) -> Any:
-    if not isinstance(spec, dict) or len(spec) != 1:
-        raise ConfigError(f"random.params.{key}: give one of uniform: [low, high], log_uniform: [low, high], "
-                          f"choice: [values]")
-    (kind, args), = spec.items()
+def _sample(spec: dict, rng: random.Random) -> Any:
+    (kind, args), = spec.items()  # checked by _check_random
     if kind == "choice":
         return rng.choice(list(args))
     low, high = args
     if kind == "uniform":
         return rng.uniform(low, high)
-    if kind == "log_uniform":
-        return math.exp(rng.uniform(math.log(low), math.log(high)))
-    raise ConfigError(f"random.params.{key}: unknown distribution '{kind}' (uniform, log_uniform, choice)")
+    return math.exp(rng.uniform(math.log(low), math.log(high)))
 
 
 def _format(value: Any) -> str:
@@ -90,7 +86,7 @@ def expand(spec: dict[str, Any]) -> list[dict[str, Any]]:
     if spec.get("random"):
         r = spec["random"]
         rng = random.Random(r.get("seed", 0))
-        samples = [{key: _sample(dist, rng, key) for key, dist in r.get("params", {}).items()}
+        samples = [{key: _sample(dist, rng) for key, dist in r.get("params", {}).items()}
                    for _ in range(int(r.get("n", 1)))]
         combos = [{**c, **s} for c in combos for s in samples]
     if spec.get("seeds"):
@@ -105,46 +101,122 @@ def run_name(template: str | None, values: dict[str, Any]) -> str:
         def fill(match: re.Match) -> str:
             key = match.group(1)
             if key not in values:
-                raise ConfigError(f"name: '{{{key}}}' is not a swept key (swept: {', '.join(values)})")
+                raise ConfigError(f"name: {'{' + key + '}'!r} is not a swept key (swept: {', '.join(values)})")
             return _format(values[key])
         name = re.sub(r"\{([^}]+)\}", fill, template)
-    return re.sub(r"[^A-Za-z0-9._=+-]", "-", name)
+    name = re.sub(r"[^A-Za-z0-9._=+-]", "-", name)
+    if not name.strip("."):  # '', '.' or '..' would name the runs folder or its parent
+        raise ConfigError(f"name: the template gives the run name {name!r}; use a template such as \"lr{{optim.lr}}\"")
+    return name
 
 
-def _load_yaml_file(path: Path, what: str) -> Any:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class _Checker:
+    """Type checks of a sweep file's entries; errors name the key, with file:line where it is known."""
+
+    def __init__(self, path: Path, origins: dict[str, str]):
+        self.path, self.origins = path, origins
+
+    def require(self, ok: bool, key: str, problem: str) -> None:
+        if not ok:
+            raise ConfigError(f"{_where(self.origins, key) or f'{self.path}: '}{key}: {problem}")
+
+    def mapping(self, spec: dict, key: str, what: str) -> None:
+        value = spec.get(key)
+        self.require(value is None or isinstance(value, dict), key, f"must be a mapping of {what}, got {value!r:.60}")
+
+    def axis(self, values: Any, key: str) -> None:
+        """A swept key's values: a non-empty list."""
+        self.require(not isinstance(values, dict), key, "must be a list of values; write the whole dotted key "
+                                                        "(optim.lr: [...]), not nested mappings")
+        self.require(isinstance(values, list), key, f"must be a list of the values to sweep, e.g. [{values!r:.40}]; "
+                                                    f"got a single value")
+        self.require(bool(values), key, "is an empty list, which gives no runs; list at least one value, or remove "
+                                        "the key")
+
+    def random(self, r: Any) -> None:
+        self.require(isinstance(r, dict) and set(r) <= {"n", "seed", "params"}, "random",
+                     "must be a mapping with n, seed and params")
+        self.require(_is_int(r.get("n", 1)) and r.get("n", 1) >= 1, "random.n", "must be a positive integer")
+        self.require(_is_int(r.get("seed", 0)), "random.seed", "must be an integer")
+        self.mapping(r, "params", "dotted keys to distributions")
+        self.require(bool(r.get("params")), "random.params", "needs at least one key to sample")
+        for key, dist in r["params"].items():
+            dotted = f"random.params.{key}"
+            self.require(isinstance(dist, dict) and len(dist) == 1, dotted, "give one of uniform: [low, high], "
+                                                                         "log_uniform: [low, high], choice: [values]")
+            (kind, args), = dist.items()
+            if kind == "choice":
+                self.axis(args, f"{dotted}.choice")
+                continue
+            self.require(kind in ("uniform", "log_uniform"), dotted,
+                         f"unknown distribution {kind!r:.40} (uniform, log_uniform, choice)")
+            self.require(isinstance(args, list) and len(args) == 2 and all(map(_is_number, args)) and args[0] <= args[1]
+                         and (kind == "uniform" or args[0] > 0), f"{dotted}.{kind}",
+                         f"must be [low, high] with low <= high{' and low > 0' if kind == 'log_uniform' else ''}")
+
+
+def _read_mapping(sweep_path: Path, key: str, name: str, origins: dict[str, str]) -> dict:
+    """`grid: ladder.yaml` and the like: the mapping kept in another file (its keys' lines recorded)."""
     try:
-        return yaml.load(path.read_text(), Loader=_Loader)
-    except FileNotFoundError:
-        raise ConfigError(f"{what} not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+        data, shared = _read_yaml(sweep_path.parent / name, "file")
+    except ConfigError as e:
+        raise ConfigError(f"{sweep_path}: {key}: {e}") from None
+    origins.update({f"{key}.{k}": line for k, line in shared.items()})
+    return data
 
 
 def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
-    spec = _load_yaml_file(path, "sweep file") or {}
+    spec, origins = _read_yaml(path, "sweep file")
+    check = _Checker(path, origins)
     for key in MAPPING_KEYS:
         if isinstance(spec.get(key), str):
-            shared = path.parent / spec[key]
-            spec[key] = _load_yaml_file(shared, f"{path}: {key}: file")
-            if not isinstance(spec[key], dict):
-                raise ConfigError(f"{path}: {key}: {shared} must hold a mapping of dotted keys to values")
+            spec[key] = _read_mapping(path, key, spec[key], origins)
+        check.mapping(spec, key, "dotted keys to values")
     unknown = set(spec) - SWEEP_KEYS
     if unknown:
-        raise ConfigError(f"{path}: unknown sweep key(s) {', '.join(sorted(unknown))} (valid: {', '.join(sorted(SWEEP_KEYS))})")
+        raise ConfigError(f"{path}: unknown sweep key(s) {', '.join(map(repr, sorted(unknown)))[:200]} "
+                          f"(valid: {', '.join(sorted(SWEEP_KEYS))})")
     if "base" not in spec:
         raise ConfigError(f"{path}: 'base:' (the run config every run starts from) is required")
+    check.require(isinstance(spec["base"], str) and spec["base"], "base", "must be the path of a run config, "
+                                                                          "relative to the sweep file")
+    check.require(spec.get("name") is None or isinstance(spec["name"], str), "name", "must be a run-name template, "
+                                                                                      "e.g. \"lr{optim.lr}\"")
+    for axis in ("grid", "zip"):
+        for key, values in (spec.get(axis) or {}).items():
+            check.axis(values, f"{axis}.{key}")
+    if spec.get("seeds") is not None:
+        check.axis(spec["seeds"], "seeds")
+    if spec.get("random") is not None:
+        check.random(spec["random"])
+    budget = spec.get("budget")
+    check.require(budget is None or (_is_int(budget) and budget >= 1), "budget", "must be a positive number of runs")
+    check.mapping(spec, "executor", "settings")
+    parallel = (spec.get("executor") or {}).get("parallel", 1)
+    check.require(_is_int(parallel) and parallel >= 1, "executor.parallel", "must be a positive integer")
     base = path.parent / spec["base"]
     common = {k: v for k, v in (spec.get("overrides") or {}).items()}
     runs, names = [], set()
-    for values in expand(spec):
-        name = run_name(spec.get("name"), values)
-        if name in names:
-            raise ConfigError(f"name: two runs would both be called '{name}'; put every swept key in the template")
-        names.add(name)
-        runs.append(Run(name, {**common, **values}))
-    if spec.get("budget") is not None:
-        runs = runs[: int(spec["budget"])]
+    try:
+        for values in expand(spec):
+            name = run_name(spec.get("name"), values)
+            if name in names:
+                raise ConfigError(f"name: two runs would both be called '{name}'; put every swept key in the template")
+            names.add(name)
+            runs.append(Run(name, {**common, **values}))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if budget is not None:
+        runs = runs[:budget]
     swept = list(dict.fromkeys(k for r in runs for k in r.overrides if k not in common))
     for run in runs:  # every run's config must be valid before any starts
         try:
