@@ -96,6 +96,7 @@ def test_sigterm_saves_the_current_step_and_resume_matches(uninterrupted, tmp_pa
     assert_same_run(tmp_path, uninterrupted)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: `make test-slow` (CI runs it)
 def test_kill_9_loses_only_steps_since_the_last_checkpoint(uninterrupted, tmp_path):
     process = start(tmp_path)
     wait_for_step(tmp_path, random.Random(os.getpid()).randint(8, 24), process)
@@ -202,6 +203,7 @@ def test_no_restorable_checkpoint_is_refused_rather_than_restarted(uninterrupted
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: `make test-slow` (CI runs it)
 def test_a_second_process_on_a_run_directory_is_refused(uninterrupted, tmp_path):
     first = start(tmp_path)
     wait_for_step(tmp_path, 3, first)
@@ -222,6 +224,7 @@ def can_mount_tmpfs(path) -> bool:
                           capture_output=True).returncode == 0
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: `make test-slow` (CI runs it)
 def test_a_full_disk_ends_the_run_with_one_line_and_the_resume_matches(uninterrupted, tmp_path):
     mount = tmp_path / "small"
     if not can_mount_tmpfs(mount):

@@ -243,6 +243,7 @@ def test_optimizer_equals_optax_adamw_under_standard_parametrization():
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-12)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: `make test-slow` (CI runs it)
 def test_coordinate_check_is_flat_under_metap_and_grows_under_sp():
     from maxllama.metap.coord_check import coord_check
     cfg, _ = load_config("experiments/metap/proxy.yaml", ["train.batch_size=4", "train.seq_len=32", "metap.sigma_readout=0.005"])

@@ -205,6 +205,7 @@ def test_slurm_dry_run_prints_a_job_array(tmp_path):
     assert (tmp_path / "out" / "sweep.sbatch").read_text().strip() == script.strip()
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: `make test-slow` (CI runs it)
 def test_a_signalled_sweep_stops_its_runs_as_preemption_and_starts_no_more(tmp_path):
     """SIGTERM to `sweep run` (a scheduler's kill, or Ctrl-C passed on): each running run saves its step and
     exits, the runs not yet started stay pending, and no train process outlives the sweep."""
