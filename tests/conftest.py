@@ -33,3 +33,21 @@ def kl_divergence(reference, logits) -> float:
         return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
     p, q = log_softmax(reference), log_softmax(logits)
     return float(np.mean(np.sum(np.exp(p) * (p - q), axis=-1)))
+
+
+def compiled_train_step(cfg):
+    """(initial state, compiled train step, batch sharding) of `cfg` on one device."""
+    from maxllama.model.build import define_model, init_params
+    from maxllama.parallel.mesh import build_mesh
+    from maxllama.parallel.rules import LogicalSharding
+    from maxllama.train.optimizer import build_optimizer
+    from maxllama.train.schedules import make_schedule
+    from maxllama.train.step import compile_steps, init_state
+    sharding = LogicalSharding(build_mesh(cfg.mesh))
+    model = define_model(cfg, sharding)
+    schedule = make_schedule(cfg.optim, cfg.train.steps)
+    optimizer = build_optimizer(cfg, model.rules, schedule)
+    state = init_state(init_params(cfg, model, sharding), optimizer)
+    batch_sharding = sharding.named(("batch", "seq"))
+    train_step, _ = compile_steps(cfg, model, optimizer, schedule, state, batch_sharding)
+    return state, train_step, batch_sharding

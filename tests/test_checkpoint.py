@@ -21,7 +21,7 @@ import pytest
 
 from maxllama.checkpoint.manager import Checkpointer
 from maxllama.train.metrics import read_metrics
-from tests.conftest import SMALL_MODEL, small_config
+from tests.conftest import compiled_train_step, SMALL_MODEL, small_config
 
 STEPS = 30
 RUN = [*SMALL_MODEL, f"train.steps={STEPS}", "optim.warmup_steps=5", "train.eval_every=1000", "train.log_every=1",
@@ -361,20 +361,8 @@ def test_init_from_starts_from_another_runs_parameters_only(uninterrupted, tmp_p
 
 def test_async_save_is_not_corrupted_by_the_donated_steps_after_it(tmp_path):
     from maxllama.data.pipeline import build_datasets
-    from maxllama.model.build import define_model, init_params
-    from maxllama.parallel.mesh import build_mesh
-    from maxllama.parallel.rules import LogicalSharding
-    from maxllama.train.optimizer import build_optimizer
-    from maxllama.train.schedules import make_schedule
-    from maxllama.train.step import compile_steps, init_state
     cfg = small_config("model.d_model=256", "model.d_ff=1024", "model.d_ff_expert=512")  # ~10 MB of state
-    sharding = LogicalSharding(build_mesh(cfg.mesh))
-    model = define_model(cfg, sharding)
-    schedule = make_schedule(cfg.optim, cfg.train.steps)
-    optimizer = build_optimizer(cfg, model.rules, schedule)
-    state = init_state(init_params(cfg, model, sharding), optimizer)
-    batch_sharding = sharding.named(("batch", "seq"))
-    train_step, _ = compile_steps(cfg, model, optimizer, schedule, state, batch_sharding)
+    state, train_step, batch_sharding = compiled_train_step(cfg)
     batches = build_datasets(cfg).train
     state, _ = train_step(state, jax.device_put(batches[0], batch_sharding))
     expected = jax.device_get(state.params)

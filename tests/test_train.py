@@ -11,7 +11,7 @@ from maxllama.train.flops import train_flops_per_token
 from maxllama.train.metrics import read_metrics
 from maxllama.train.optimizer import build_optimizer
 from maxllama.train.schedules import make_schedule
-from tests.conftest import small_config
+from tests.conftest import compiled_train_step, small_config
 
 TRAIN_ARGS = ["optim.warmup_steps=5", "optim.lr=1e-2", "train.eval_every=10", "train.log_every=5",
               "train.eval_batches=2", "logging.progress=false", "checkpoint.every_steps=10"]
@@ -136,16 +136,8 @@ def test_weight_decay_skips_norm_gains():
 
 
 def test_a_nonfinite_step_leaves_the_state_bitwise_as_it_was():
-    from maxllama.train.step import compile_steps, init_state
-    from maxllama.model.build import init_params
     cfg = small_config("train.grad_clip=null")
-    sharding = LogicalSharding(build_mesh(cfg.mesh))
-    model = define_model(cfg, sharding)
-    schedule = make_schedule(cfg.optim, cfg.train.steps)
-    optimizer = build_optimizer(cfg, model.rules, schedule)
-    state = init_state(init_params(cfg, model, sharding), optimizer)
-    batch_sharding = sharding.named(("batch", "seq"))
-    train_step, _ = compile_steps(cfg, model, optimizer, schedule, state, batch_sharding)
+    state, train_step, batch_sharding = compiled_train_step(cfg)
     b, t = cfg.train.batch_size, cfg.train.seq_len
     batch = {"inputs": np.random.default_rng(0).integers(0, cfg.model.vocab_size, (b, t), dtype=np.int32),
              "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
