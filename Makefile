@@ -38,10 +38,10 @@ bench: $(STAMP)  ## throughput, MFU, compile time and peak memory of the tiny mo
 	$(VENV)/bin/maxllama train experiments/bench/tiny.yaml $(ARGS)
 
 bench-data: $(STAMP)  ## token-store preparation MB/s and packed-batch tokens/s
-	$(PY) -m maxllama.data.benchmark $(ARGS)
+	$(PY) -m maxllama.bench.data $(ARGS)
 
 bench-ckpt: $(STAMP)  ## checkpoint save / async-blocked / restore times (tiny and ~300M parameters)
-	$(PY) -m maxllama.checkpoint.benchmark $(ARGS)
+	$(PY) -m maxllama.bench.checkpoint $(ARGS)
 
 # MetaP proofs (experiments/metap): each runs its sweeps on this machine and writes a plot and a table under
 # runs/sweeps/<name>/ (drift.png, drift.json) or runs/metap/.

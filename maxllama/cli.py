@@ -32,7 +32,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _training_stopped() -> type[BaseException]:
-    from maxllama.checkpoint.preemption import TrainingStopped
+    from maxllama.base.signals import TrainingStopped
     return TrainingStopped
 
 
@@ -263,7 +263,7 @@ def cmd_sweep_plan(ns: argparse.Namespace) -> int:
 def cmd_sweep_run(ns: argparse.Namespace) -> int:
     import signal
 
-    from maxllama.checkpoint.preemption import PREEMPTED_EXIT_CODE
+    from maxllama.base.signals import PREEMPTED_EXIT_CODE
     from maxllama.sweep.executors import plan_local, run_local, run_slurm
     from maxllama.sweep.spec import load_sweep
     sweep = load_sweep(ns.file)  # validates every run's config before anything starts
@@ -347,7 +347,7 @@ def _int_list(text: str) -> list[int]:
 
 def cmd_metap_coord_check(ns: argparse.Namespace) -> int:
     _, cfg, _ = _load([ns.file, *ns.overrides], None)
-    from maxllama.metap import coord_check as cc
+    from maxllama.studies import coord_check as cc
     if bool(ns.widths) == bool(ns.depths):
         raise UserError("give --widths W1,W2,... or --depths L1,L2,... (one ladder per command)")
     axis, values = ("width", ns.widths) if ns.widths else ("depth", ns.depths)
@@ -372,7 +372,7 @@ def cmd_metap_coord_check(ns: argparse.Namespace) -> int:
 
 def cmd_metap_transfer(ns: argparse.Namespace) -> int:
     from maxllama.config.loader import parse_scalar
-    from maxllama.metap.transfer import transfer, write
+    from maxllama.studies.transfer import transfer, write
     where = {}
     for item in ns.where:
         key, sep, value = item.partition("=")
@@ -399,11 +399,11 @@ def cmd_metap_transfer(ns: argparse.Namespace) -> int:
         from maxllama.metap import table
         print(f"\ntarget {ns.target}:")
         print(table.format_summary(target_summary))
-        from maxllama.metap.transfer import run_flops, sweep_flops
+        from maxllama.studies.transfer import run_flops, sweep_flops
         cost = sweep_flops(ns.sweep_dir, result.runs) / run_flops(target)
         print(f"proxy sweep cost: {cost:.3g} x the FLOPs of one target run")
     if ns.check:
-        from maxllama.metap.transfer import check_report
+        from maxllama.studies.transfer import check_report
         print(check_report(result, ns.check, out, ns.metric))
     print(f"\nwrote {out}; a target config uses it with   metap: {{from: {out}}}   "
           f"(or the override metap.from={out})")
@@ -411,7 +411,7 @@ def cmd_metap_transfer(ns: argparse.Namespace) -> int:
 
 
 def cmd_metap_drift(ns: argparse.Namespace) -> int:
-    from maxllama.metap.drift import report
+    from maxllama.studies.drift import report
     text, png, js = report(ns.sweep_dirs, ns.key, ns.split, ns.metric, ns.hparam)
     print(text)
     print(f"plot: {png}\ntable: {js}")
@@ -419,7 +419,7 @@ def cmd_metap_drift(ns: argparse.Namespace) -> int:
 
 
 def cmd_metap_regret(ns: argparse.Namespace) -> int:
-    from maxllama.metap.regret import regret
+    from maxllama.studies.regret import regret
     text, _ = regret(ns.transferred, ns.direct, ns.proxy, ns.metric)
     print(text)
     return 0

@@ -308,7 +308,7 @@ def test_retention_keeps_the_newest_and_every_mth(tmp_path):
     from maxllama.model.build import define_model, init_params
     from maxllama.parallel.mesh import build_mesh
     from maxllama.parallel.rules import LogicalSharding
-    from maxllama.train.step import TrainState
+    from maxllama.base.state import TrainState
     sharding = LogicalSharding(build_mesh(cfg.mesh))
     params = init_params(cfg, define_model(cfg, sharding), sharding)
     checkpointer = Checkpointer(tmp_path, cfg.checkpoint)

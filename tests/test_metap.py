@@ -17,7 +17,8 @@ import yaml
 from maxllama.config import ConfigError, load_config
 from maxllama.config.loader import dump_config
 from maxllama.metap import param_rule, parametrization_for
-from maxllama.model.build import define_model, flat_paths, init_params
+from maxllama.base.tree import flat_paths
+from maxllama.model.build import define_model, init_params
 from maxllama.model.decoder import in_residual_branch
 from maxllama.parallel.mesh import build_mesh
 from maxllama.parallel.rules import LogicalSharding
@@ -204,7 +205,7 @@ def test_metaps_clipping_norm_keeps_the_proxys_value_across_width():
     """The measured claim behind the clip weights: at init the proxy's plain global norm falls by 40% at 8x its
     width (the embedding's and readout's gradients shrink as m^-1/2); the weighted norm stays within 20%."""
     from maxllama.data.pipeline import build_datasets
-    from maxllama.metap.coord_check import ladder_config
+    from maxllama.studies.coord_check import ladder_config
     from maxllama.model.build import bind, initializer
     from maxllama.train.loss import training_loss
     proxy, _ = load_config("experiments/metap/proxy.yaml", ["train.batch_size=4", "train.seq_len=32"])
@@ -245,7 +246,7 @@ def test_optimizer_equals_optax_adamw_under_standard_parametrization():
 
 @pytest.mark.slow  # over 20 s on 2 cores: `make test-slow` (CI runs it)
 def test_coordinate_check_is_flat_under_metap_and_grows_under_sp():
-    from maxllama.metap.coord_check import coord_check
+    from maxllama.studies.coord_check import coord_check
     cfg, _ = load_config("experiments/metap/proxy.yaml", ["train.batch_size=4", "train.seq_len=32", "metap.sigma_readout=0.005"])
     slopes = {}
     for param in ("metap", "standard"):
@@ -257,7 +258,7 @@ def test_coordinate_check_is_flat_under_metap_and_grows_under_sp():
 
 
 def test_slope_errors_are_the_spread_of_each_seeds_own_fit():
-    from maxllama.metap.coord_check import CoordCheck, slope_errors
+    from maxllama.studies.coord_check import CoordCheck, slope_errors
     widths = [32, 64, 128]
     seed = lambda slope: {"h": [[2.0 ** (slope * k) for k in range(3)]]}  # noqa: E731  one step, a power law
     errors = slope_errors(widths, [seed(0.1), seed(0.3), seed(0.2)])
@@ -269,7 +270,7 @@ def test_slope_errors_are_the_spread_of_each_seeds_own_fit():
 
 def test_coordinate_check_seeds_share_one_compile_but_not_their_init():
     from maxllama.data.pipeline import build_datasets
-    from maxllama.metap.coord_check import ladder_config, measure
+    from maxllama.studies.coord_check import ladder_config, measure
     cfg, _ = load_config("experiments/metap/proxy.yaml", ["train.batch_size=4", "train.seq_len=32"])
     rung = ladder_config(cfg, "width", 32, 32, "metap", steps=2, lr=4e-3)
     batch = build_datasets(rung).train[0]
@@ -306,7 +307,7 @@ def synthetic_sweep(tmp_path, budgets, lr_opt, seeds=(0, 1), lrs=None, noise=0.0
 
 
 def test_transfer_finds_a_known_optimum_and_exponents(tmp_path):
-    from maxllama.metap.transfer import transfer
+    from maxllama.studies.transfer import transfer
     lr0, kappa, beta = 3e-3, 0.5, 0.3
     budgets = [(8, 600), (16, 300), (32, 150), (8, 1200), (8, 2400)]  # batch at fixed tokens; horizon at fixed batch
     truth = lambda b, s: lr0 * (b / 8) ** kappa * (b * s / 4800) ** -beta  # noqa: E731
@@ -320,7 +321,7 @@ def test_transfer_finds_a_known_optimum_and_exponents(tmp_path):
 
 
 def test_transfer_warns_at_the_edge_and_with_one_seed(tmp_path):
-    from maxllama.metap.transfer import transfer
+    from maxllama.studies.transfer import transfer
     result = transfer(synthetic_sweep(tmp_path, [(8, 600)], lambda b, s: 2.0 ** -3, seeds=(0,)))
     assert any("edge of the swept range" in w for w in result.warnings)
     assert any("single seed" in w for w in result.warnings)
@@ -388,7 +389,7 @@ def test_drift_measures_how_far_the_optimum_moves(tmp_path, hparam):
     """SP-like curves whose optimum halves per doubling of width, MetaP-like ones whose optimum stays put (its two
     seeds' optima an octave apart, the other way round at width 64: the mean curve does not move, but seed
     resamples of it do)."""
-    from maxllama.metap.drift import report
+    from maxllama.studies.drift import report
 
     def optimum(param, d, seed):
         if param == "standard":
@@ -423,7 +424,7 @@ def test_drift_measures_how_far_the_optimum_moves(tmp_path, hparam):
 def test_drift_compares_curves_on_the_seeds_they_all_ran(tmp_path):
     """No true drift, but each seed's luck moves every width alike, and width 32 ran two luckier seeds more: the
     pooled optima drift 0.5 octave, the common seeds' not at all, and no resample of shared luck makes any."""
-    from maxllama.metap.drift import report
+    from maxllama.studies.drift import report
     luck = {0: -0.5, 1: 0.0, 2: 0.5, 3: 1.0}
     drift_sweep(tmp_path, lambda param, d, seed: -8 + luck[seed], lambda d: (0, 1, 2, 3) if d == 32 else (0, 1),
                 params=("metap",))
@@ -441,7 +442,7 @@ def test_drift_slope_tells_a_trend_from_scatter(tmp_path):
     scatter on a trend of -1/4 per doubling, and optima that stay put but for one beyond the swept LRs. The spread
     of the optima does not tell the first two apart; the slope and its range over seed resamples do, and an
     optimum at the edge of its range, a bound rather than a value, is left out of the slope."""
-    from maxllama.metap.drift import report
+    from maxllama.studies.drift import report
     widths = (32, 64, 128, 256, 512)
     scatter = dict(zip(widths, (0.0, 0.5, -0.5, 0.5, 0.0)))  # the mean optima's: no trend
     luck = {0: -0.4, 1: 0.4, 2: -0.2, 3: 0.2}  # each seed's, in or against the sign of the width's
@@ -470,7 +471,7 @@ def test_drift_slope_tells_a_trend_from_scatter(tmp_path):
 
 
 def test_regret_compares_the_transferred_run_with_the_best_direct_point(tmp_path):
-    from maxllama.metap.regret import regret
+    from maxllama.studies.regret import regret
     direct = synthetic_sweep(tmp_path / "direct", [(8, 600)], lambda b, s: 2.0 ** -8)  # best loss 2.0 at 2^-8
     transferred = synthetic_sweep(tmp_path / "transferred", [(8, 600)], lambda b, s: 2.0 ** -8,
                                   lrs=[2.0 ** -7])  # one LR step off the optimum: loss 2.05
@@ -493,7 +494,7 @@ def test_regret_compares_the_transferred_run_with_the_best_direct_point(tmp_path
 def test_regret_pairs_seeds_so_a_seeds_luck_cancels(tmp_path):
     """Each seed shifts all its runs by 0.03 x seed: a large spread between seeds, none between a seed's
     transferred run and its run at the best direct LR, so the paired standard error is zero."""
-    from maxllama.metap.regret import regret
+    from maxllama.studies.regret import regret
     kwargs = dict(seeds=range(4), seed_offset=0.03)
     direct = synthetic_sweep(tmp_path / "direct", [(8, 600)], lambda b, s: 2.0 ** -8, **kwargs)
     transferred = synthetic_sweep(tmp_path / "transferred", [(8, 600)], lambda b, s: 2.0 ** -8, lrs=[2.0 ** -8],
@@ -507,7 +508,7 @@ def test_regret_pairs_seeds_so_a_seeds_luck_cancels(tmp_path):
 def test_transfer_fits_the_lr_and_a_per_group_constant_together(tmp_path):
     """A grid over the LR and the readout's LR multiplier, loss a bowl around (2^-8, 8): each is fitted at the
     best value of the other, and both go into the target's config."""
-    from maxllama.metap.transfer import transfer
+    from maxllama.studies.transfer import transfer
     proxy, _ = load_config("experiments/metap/proxy.yaml")
     runs = {}
     for lr in [2.0 ** k for k in range(-11, -5)]:

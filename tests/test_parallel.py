@@ -12,9 +12,10 @@ import textwrap
 import pytest
 
 from maxllama.config import ConfigError, load_config
-from maxllama.parallel.axes import LOGICAL_AXES
 from maxllama.parallel.mesh import MeshError, resolve_axis_sizes
-from maxllama.parallel.rules import DEFAULT_RULES, logical_to_spec
+from maxllama.base.tree import flat_paths
+from maxllama.model.build import IS_META, define_model, one_device_sharding
+from maxllama.parallel.rules import DEFAULT_RULES, LOGICAL_AXES, MESH_AXES, logical_to_spec, make_rules
 
 MESHES = {
     "dp=8": ["mesh.data=8", "mesh.fsdp=1"],
@@ -74,6 +75,11 @@ def test_losses_match_the_one_device_run_on_every_mesh(tmp_path):
 
 def test_rules_table_covers_every_logical_axis_and_uses_a_mesh_axis_once():
     assert set(DEFAULT_RULES) == set(LOGICAL_AXES)
+    # Every name a parameter of the model uses is one the table maps, to axes the mesh has.
+    model = define_model(load_config(None, ["model.n_experts=4"])[0], one_device_sharding())
+    used = {name for meta in flat_paths(model.metadata, is_leaf=IS_META).values() for name in meta["logical_axes"]}
+    assert used <= set(LOGICAL_AXES) and {"embed", "heads", "expert", "vocab", "mlp"} <= used
+    assert all(set(axes) <= set(MESH_AXES) for axes in DEFAULT_RULES.values())
     mesh_axes = ("data", "fsdp", "tensor", "expert")
     # batch takes data+fsdp+expert; embed (fsdp) is then left whole in the same activation.
     spec = logical_to_spec(("batch", "seq", "embed"), DEFAULT_RULES, mesh_axes)
@@ -88,7 +94,19 @@ def test_invalid_meshes_are_clear_errors():
     with pytest.raises(MeshError, match="do not divide the 8 available devices"):
         resolve_axis_sizes({"data": 3, "fsdp": -1, "tensor": 1, "expert": 1}, 8)
     with pytest.raises(ConfigError, match="mesh.rules.expert: names mesh axis 'experts'"):
-        load_config(None, ["mesh.rules={expert: experts}"])
+        make_rules(load_config(None, ["mesh.rules={expert: experts}"])[0].mesh.rules)
+
+
+@pytest.mark.parametrize("overrides, key, reason", [
+    (["mesh.rules={mlp: model}"], "mesh.rules.mlp", "names mesh axis 'model', which the mesh lacks"),
+    (["mesh.rules={hidden: tensor}"], "mesh.rules.hidden", "unknown logical axis"),
+])
+def test_rules_overrides_name_known_axes(overrides, key, reason):
+    with pytest.raises(ConfigError) as err:
+        make_rules(load_config(None, overrides)[0].mesh.rules)
+    assert str(err.value).startswith(f"{key}: ")
+    assert reason in str(err.value)
+    assert make_rules({"mlp": None, "embed": ["fsdp", "data"]}) == {**DEFAULT_RULES, "mlp": (), "embed": ("fsdp", "data")}
 
 
 # 20 steps, a checkpoint every 5: the SIGTERM sent once checkpoint 5 exists finds the job still training.

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from maxllama.config import ConfigError
-from maxllama.sweep.report import collect, fit_optimum, report
+from maxllama.sweep.report import report
+from maxllama.sweep.results import collect, fit_optimum
 from maxllama.sweep.spec import expand, load_sweep, run_name
 from tests.conftest import SMALL_MODEL
 

@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from maxllama.checkpoint.preemption import SaveFailed
+from maxllama.base.signals import SaveFailed
 from maxllama.config.schema import CheckpointConfig
 from maxllama.parallel.distributed import agree, is_primary
-from maxllama.train.step import TrainState
+from maxllama.base.state import TrainState
 
 ITEMS = ("params", "opt_state", "meta")  # what a training checkpoint holds
 UNREADABLE = "unreadable"  # suffix of a checkpoint folder set aside because it could not be restored

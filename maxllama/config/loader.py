@@ -69,7 +69,7 @@ def _yaml_error(path: Path, text: str, e: Exception, node: yaml.Node | None = No
     return ConfigError(f"{where}: invalid YAML: {' '.join(str(problem).split())}")
 
 
-def _read_yaml(path: Path, what: str = "config file") -> tuple[dict[str, Any], dict[str, str]]:
+def read_yaml(path: Path, what: str = "config file") -> tuple[dict[str, Any], dict[str, str]]:
     """Parse a YAML mapping; returns (nested dict, {dotted key: 'file:line'}); ({}, {}) for an empty file."""
     text = _read_text(path, what)
     try:
@@ -123,7 +123,7 @@ def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any
 def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, str]]:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base:' chain loops back to itself")
-    data, origins = _read_yaml(path)
+    data, origins = read_yaml(path)
     if not data:  # an empty file would silently train the defaults
         raise ConfigError(f"{path}: the config file is empty; write at least one setting (e.g. `train: {{steps: "
                           f"100}}`), or `base: other.yaml` to start from another config")
@@ -194,13 +194,13 @@ def _check_unknown_keys(data: Mapping[str, Any], origins: Mapping[str, str],
                 siblings = [prefix + k for k in model.model_fields]
                 close = difflib.get_close_matches(dotted, siblings, n=3, cutoff=0.5)
             hint = f"; did you mean {' or '.join(close)}?" if close else f"; valid keys here: {', '.join(model.model_fields)}"
-            raise ConfigError(f"{_where(origins, dotted)}unknown key {dotted!r}{hint}")
+            raise ConfigError(f"{where_defined(origins, dotted)}unknown key {dotted!r}{hint}")
         section = _section_type(field.annotation)
         if section is not None and isinstance(value, Mapping):
             _check_unknown_keys(value, origins, section, dotted + ".")
 
 
-def _where(origins: Mapping[str, str], dotted: str) -> str:
+def where_defined(origins: Mapping[str, str], dotted: str) -> str:
     origin = origins.get(dotted)
     return f"{origin}: " if origin and origin != "default" else ""
 
@@ -234,11 +234,11 @@ def build_config(data: Mapping[str, Any], origins: Mapping[str, str] | None = No
             raise ConfigError(f"unknown key '{dotted}'{hint}") from None
         # Unions add the member type to the location ('str', 'list[str]'): keep only real keys.
         dotted = ".".join(str(p) for p in first["loc"] if str(p) in _ALL_NAMES or isinstance(p, int))
-        raise ConfigError(f"{_where(origins, dotted)}{dotted}: {_describe(first)}") from None
+        raise ConfigError(f"{where_defined(origins, dotted)}{dotted}: {_describe(first)}") from None
     problems = validate_consistency(cfg)
     if problems:
         key, reason = problems[0]
-        raise ConfigError(f"{_where(origins, key)}{key}: {reason}")
+        raise ConfigError(f"{where_defined(origins, key)}{key}: {reason}")
     return cfg
 
 
@@ -268,7 +268,7 @@ def _apply_transferred(data: dict[str, Any], origins: dict[str, str], source: An
     path = next((p for p in (config_dir / source, Path(source)) if p.exists()), None)
     if path is None:
         raise ConfigError(f"metap.from: file not found: {source} (run `maxllama metap transfer` to write it)")
-    values = _read_yaml(path, "metap.from file")[0].get(TRANSFERRED_KEY)
+    values = read_yaml(path, "metap.from file")[0].get(TRANSFERRED_KEY)
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: has no '{TRANSFERRED_KEY}:' mapping of dotted keys; is it from `maxllama metap transfer`?")
     for key, value in values.items():

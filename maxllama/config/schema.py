@@ -12,7 +12,6 @@ from typing import ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from maxllama.parallel.axes import LOGICAL_AXES
 
 DType = Literal["float32", "bfloat16"]
 
@@ -371,12 +370,6 @@ def validate_consistency(cfg: Config) -> list[tuple[str, str]]:
     check(cfg.data.prefetch >= 0, "data.prefetch", f"must be >= 0, got {cfg.data.prefetch}")
     for axis, size in cfg.mesh.axes.items():
         check(size == "local" or size >= 1 or size == -1, f"mesh.{axis}", f"must be a positive size or -1, got {size}")
-    for name, axes in (cfg.mesh.rules or {}).items():
-        check(name in LOGICAL_AXES, f"mesh.rules.{name}",
-              f"unknown logical axis; rules map one of {', '.join(LOGICAL_AXES)}")
-        for axis in [axes] if isinstance(axes, str) else axes or []:
-            check(axis in cfg.mesh.axes, f"mesh.rules.{name}",
-                  f"names mesh axis '{axis}', which the mesh lacks (axes: {', '.join(cfg.mesh.axes)})")
     check(cfg.mesh.dcn_data >= 1 and cfg.mesh.dcn_fsdp >= 1, "mesh.dcn_data", "DCN factors must be >= 1")
     errors += _metap_errors(cfg)
     check(sum(size == -1 for size in cfg.mesh.axes.values()) <= 1, "mesh",

@@ -10,12 +10,12 @@ from typing import Any
 
 import yaml
 
+from maxllama.base.tree import flat_paths
 from maxllama.config.schema import Config
 from maxllama.metap.rules import ParamRule, run_scales
 
 
 def _rules(model) -> dict[str, ParamRule]:
-    from maxllama.model.build import flat_paths
     return flat_paths(model.rules, is_leaf=lambda x: isinstance(x, ParamRule))
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from maxllama.base.tree import flat_paths, param_path
 from maxllama.config.schema import Config, ModelConfig
 from maxllama.metap import Parametrization, param_rule, parametrization_for
 from maxllama.metap.shapes import double_width_model, proxy_model, roles_and_ratios
@@ -25,15 +26,6 @@ class ModelDef(NamedTuple):
     metadata: dict  # pure dict of {'logical_axes', 'fan_in_axes', 'role'} per parameter
     rules: dict  # pure dict of ParamRule per parameter: init std, LR multiplier, weight decay, Adam eps
     parametrization: Parametrization  # the forward multipliers
-
-
-def param_path(key_path) -> str:
-    return jax.tree_util.keystr(key_path, simple=True, separator=".")
-
-
-def flat_paths(tree: Any, is_leaf=None) -> dict[str, Any]:
-    """{'groups.blocks.0.attention.q': leaf, ...}: the names MetaP tables and error messages use."""
-    return {param_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
 
 
 def _abstract(model_cfg: ModelConfig, parametrization: Parametrization, sharding: LogicalSharding, seed: int):

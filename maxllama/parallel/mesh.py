@@ -10,7 +10,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
 from maxllama.config.schema import MeshConfig
-from maxllama.parallel.axes import MESH_AXES
+from maxllama.parallel.rules import MESH_AXES
 
 
 class MeshError(ValueError):

@@ -14,7 +14,10 @@ from typing import Mapping, Optional, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from maxllama.config import ConfigError
+
 MeshAxes = tuple[str, ...]
+MESH_AXES = ("data", "fsdp", "tensor", "expert")  # how devices are arranged, outermost first
 
 DEFAULT_RULES: dict[str, MeshAxes] = {
     "batch": ("data", "fsdp", "expert"),
@@ -28,12 +31,20 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "vocab": ("tensor",),
     "layers": (),
 }
+LOGICAL_AXES = tuple(DEFAULT_RULES)  # what a dimension means: every name the model may use
 
 
 def make_rules(overrides: Optional[Mapping[str, Optional[str | Sequence[str]]]] = None) -> dict[str, MeshAxes]:
+    """The default table with `mesh.rules` applied; an unknown logical or mesh axis is a ConfigError."""
     rules = dict(DEFAULT_RULES)
     for name, axes in (overrides or {}).items():
+        if name not in DEFAULT_RULES:
+            raise ConfigError(f"mesh.rules.{name}: unknown logical axis; rules map one of {', '.join(LOGICAL_AXES)}")
         rules[name] = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        for axis in rules[name]:
+            if axis not in MESH_AXES:
+                raise ConfigError(f"mesh.rules.{name}: names mesh axis '{axis}', which the mesh lacks "
+                                  f"(axes: {', '.join(MESH_AXES)})")
     return rules
 
 

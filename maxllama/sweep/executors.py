@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from maxllama.checkpoint.preemption import PREEMPTED_EXIT_CODE, preemption_signals
+from maxllama.base.signals import PREEMPTED_EXIT_CODE, preemption_signals
 from maxllama.config import ConfigError, load_config
 from maxllama.config.compat import config_changes, describe
 from maxllama.config.schema import Config

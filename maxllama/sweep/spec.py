@@ -31,7 +31,8 @@ from typing import Any
 import yaml
 
 from maxllama.config import ConfigError, load_config
-from maxllama.config.loader import _read_yaml, _where
+from maxllama.config.loader import read_yaml, where_defined
+from maxllama.parallel.rules import make_rules
 
 SWEEP_KEYS = {"base", "name", "overrides", "grid", "zip", "random", "seeds", "budget", "executor"}
 MAPPING_KEYS = ("overrides", "grid", "zip")  # each a mapping, or the name of a YAML file holding one
@@ -126,7 +127,7 @@ class _Checker:
 
     def require(self, ok: bool, key: str, problem: str) -> None:
         if not ok:
-            raise ConfigError(f"{_where(self.origins, key) or f'{self.path}: '}{key}: {problem}")
+            raise ConfigError(f"{where_defined(self.origins, key) or f'{self.path}: '}{key}: {problem}")
 
     def mapping(self, spec: dict, key: str, what: str) -> None:
         value = spec.get(key)
@@ -166,7 +167,7 @@ class _Checker:
 def _read_mapping(sweep_path: Path, key: str, name: str, origins: dict[str, str]) -> dict:
     """`grid: ladder.yaml` and the like: the mapping kept in another file (its keys' lines recorded)."""
     try:
-        data, shared = _read_yaml(sweep_path.parent / name, "file")
+        data, shared = read_yaml(sweep_path.parent / name, "file")
     except ConfigError as e:
         raise ConfigError(f"{sweep_path}: {key}: {e}") from None
     origins.update({f"{key}.{k}": line for k, line in shared.items()})
@@ -175,7 +176,7 @@ def _read_mapping(sweep_path: Path, key: str, name: str, origins: dict[str, str]
 
 def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
-    spec, origins = _read_yaml(path, "sweep file")
+    spec, origins = read_yaml(path, "sweep file")
     check = _Checker(path, origins)
     for key in MAPPING_KEYS:
         if isinstance(spec.get(key), str):
@@ -220,7 +221,7 @@ def load_sweep(path: str | Path) -> Sweep:
     swept = list(dict.fromkeys(k for r in runs for k in r.overrides if k not in common))
     for run in runs:  # every run's config must be valid before any starts
         try:
-            load_config(base, run.args())
+            make_rules(load_config(base, run.args())[0].mesh.rules)
         except ConfigError as e:
             raise ConfigError(f"{path}: run '{run.name}': {e}") from None
     executor = {"type": "local", "parallel": 1, **(spec.get("executor") or {})}

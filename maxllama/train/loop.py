@@ -14,7 +14,7 @@ from tqdm import tqdm
 from maxllama.checkpoint.lock import hold_run_dir
 from maxllama.checkpoint.manager import Checkpointer, ResumeError, check_resume_policy
 from maxllama.checkpoint.model_dir import restore_params_into
-from maxllama.checkpoint.preemption import NonFiniteStop, Preempted, preemption_signals
+from maxllama.base.signals import NonFiniteStop, Preempted, preemption_signals
 from maxllama.config import ConfigError, dump_config
 from maxllama.config.compat import describe
 from maxllama.config.schema import Config

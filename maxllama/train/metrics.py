@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from tensorboardX import SummaryWriter
 
-from maxllama.checkpoint.preemption import SaveFailed
+from maxllama.base.signals import SaveFailed
 
 
 def _plain(value: Any) -> Any:

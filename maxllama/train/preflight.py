@@ -16,7 +16,8 @@ from maxllama.parallel.rules import LogicalSharding, make_rules
 from maxllama.train.flops import train_flops_per_token
 from maxllama.train.optimizer import build_optimizer
 from maxllama.train.schedules import make_schedule
-from maxllama.train.step import TrainState, optimizer_state_shardings, train_step_fn
+from maxllama.base.state import TrainState
+from maxllama.train.step import optimizer_state_shardings, train_step_fn
 
 
 class DoesNotFit(RuntimeError):

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from maxllama.base.state import TrainState
 from maxllama.config.schema import Config
 from maxllama.model.build import ModelDef, bind
 from maxllama.train.loss import next_token_nll, training_loss
 from maxllama.train.optimizer import rule_field, weighted_global_norm
-
-
-class TrainState(NamedTuple):
-    step: jax.Array  # int32 scalar: optimizer steps taken
-    params: dict
-    opt_state: Any
 
 
 def train_step_fn(cfg: Config, model: ModelDef, optimizer: optax.GradientTransformation,

@@ -1,4 +1,4 @@
-"""Preemption: SIGTERM or SIGINT asks the loop to save the current step and exit, instead of dying.
+"""Process signals and exit codes. Preemption: SIGTERM or SIGINT asks the loop to save the current step and exit, instead of dying.
 
 The handler only records the request; the loop notices it between steps, saves within the grace period and
 raises `Preempted`, whose exit code (75, "try again later") tells a scheduler the job should be requeued.

@@ -1,7 +1,7 @@
 """`make bench-ckpt`: checkpoint save time, how long an asynchronous save blocks the training loop, and
 restore time, for the tiny model and a ~300M-parameter one.
 
-    python -m maxllama.checkpoint.benchmark [CONFIG ...]
+    python -m maxllama.bench.checkpoint [CONFIG ...]
 """
 
 from __future__ import annotations

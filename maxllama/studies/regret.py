@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from maxllama.config import ConfigError, load_config
-from maxllama.metap.transfer import fit_key, run_flops, sweep_flops, values_by_key
-from maxllama.sweep.report import collect
+from maxllama.studies.transfer import fit_key, run_flops, sweep_flops
+from maxllama.sweep.plotting import figure, finish
+from maxllama.sweep.results import collect, values_by_key
 
 
 def regret(transferred_dir: str | Path, direct_dir: str | Path, proxy_dirs: list[str | Path] = (),
@@ -75,18 +76,9 @@ def _se_source(paired: int, seed_std: float | None) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    lrs, losses = zip(*result["direct_points"])
-    ax.plot(np.log2(lrs), losses, "o-", label="direct LR sweep at the target")
-    ax.plot([math.log2(result["transferred_lr"])], [result["transferred_loss"]], "*", markersize=15, color="C3",
-            markeredgecolor="black", label=f"transferred from the proxy (regret {100 * result['regret']:+.2f}%)")
-    ax.set_xlabel("log2 learning rate")
-    ax.set_ylabel("final validation loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, panel_size=(6.5, 4.2)) as (_, (ax,)):
+        lrs, losses = zip(*result["direct_points"])
+        ax.plot(np.log2(lrs), losses, "o-", label="direct LR sweep at the target")
+        ax.plot([math.log2(result["transferred_lr"])], [result["transferred_loss"]], "*", markersize=15, color="C3",
+                markeredgecolor="black", label=f"transferred from the proxy (regret {100 * result['regret']:+.2f}%)")
+        finish(ax, "log2 learning rate", "final validation loss")

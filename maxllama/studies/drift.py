@@ -27,15 +27,17 @@ from typing import Any, Iterable
 import numpy as np
 
 from maxllama.config import ConfigError
-from maxllama.sweep.report import Optimum, collect, fit_optimum
+from maxllama.sweep.plotting import figure, finish
+from maxllama.sweep.results import Optimum, collect, fit_optimum, mean_curve
 
 
-def mean_curve(runs: Iterable[dict[float, float]]) -> tuple[list[float], list[float], list[int]]:
+def seed_mean_curve(runs: Iterable[dict[float, float]]) -> tuple[list[float], list[float], list[int]]:
     """Seeds' {lr: loss} curves -> the swept values, the loss averaged over the seeds that ran each, their count."""
-    runs = list(runs)
-    lrs = sorted({lr for run in runs for lr in run})
-    per_lr = [[run[lr] for run in runs if lr in run] for lr in lrs]
-    return lrs, [float(np.mean(v)) for v in per_lr], [len(v) for v in per_lr]
+    pooled: dict[float, list[float]] = defaultdict(list)
+    for run in runs:
+        for lr, loss in run.items():
+            pooled[lr].append(loss)
+    return mean_curve(pooled)
 
 
 @dataclasses.dataclass
@@ -48,7 +50,7 @@ class Curve:
     optimum: Optimum = dataclasses.field(init=False)
 
     def __post_init__(self):
-        self.lrs, self.losses, self.seeds = mean_curve(self.by_seed.values())
+        self.lrs, self.losses, self.seeds = seed_mean_curve(self.by_seed.values())
         self.optimum = fit_optimum(self.lrs, self.losses)
 
 
@@ -119,7 +121,7 @@ class Drift:
                 own = [s for s in drawn if s in c.by_seed]
                 if not own:
                     own = [list(c.by_seed)[i] for i in rng.integers(len(c.by_seed), size=len(c.by_seed))]
-                lrs, losses, _ = mean_curve(c.by_seed[s] for s in own)
+                lrs, losses, _ = seed_mean_curve(c.by_seed[s] for s in own)
                 optima.append(fit_optimum(lrs, losses))
             resampled.append(optima)
         return resampled
@@ -202,29 +204,21 @@ def plot(results: list[Drift], key: str, path: Path) -> None:
     """One panel per group: each curve's loss relative to its own fitted optimum (the curves of a width ladder
     lie far apart in loss and are flat to a fraction of a percent near their optima, so on one absolute scale
     their optima could not be seen), the optima as stars, and the proxy's optimum as a dashed line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
-    for ax, result in zip(axes[0], results):
-        cmap = plt.get_cmap("viridis")
-        for i, c in enumerate(result.curves):
-            color = cmap(i / max(len(result.curves) - 1, 1))
-            relative = 100 * (np.asarray(c.losses) / c.optimum.value - 1)
-            ax.plot(np.log2(c.lrs), relative, "o-", color=color, markersize=3,
-                    label=f"{key}={c.value}: best {c.optimum.value:.4f}")
-            ax.plot([math.log2(c.optimum.x)], [0.0], "*", color=color, markersize=13, markeredgecolor="black")
-        ax.axvline(math.log2(result.curves[0].optimum.x), color="gray", linestyle="--", linewidth=1,
-                   label="the first curve's optimum")
-        slope = "" if math.isnan(result.slope) else f" ({result.slope:+.2f} per doubling)"
-        ax.set_title(f"{result.group}: drift {result.drift:.2f} log2{slope}")
-        ax.set_xlabel(f"log2 {result.hparam}")
-        ax.set_ylabel("loss above the curve's fitted optimum (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, len(results), (6, 4.5)) as (_, axes):
+        import matplotlib
+        cmap = matplotlib.colormaps["viridis"]
+        for ax, result in zip(axes, results):
+            for i, c in enumerate(result.curves):
+                color = cmap(i / max(len(result.curves) - 1, 1))
+                relative = 100 * (np.asarray(c.losses) / c.optimum.value - 1)
+                ax.plot(np.log2(c.lrs), relative, "o-", color=color, markersize=3,
+                        label=f"{key}={c.value}: best {c.optimum.value:.4f}")
+                ax.plot([math.log2(c.optimum.x)], [0.0], "*", color=color, markersize=13, markeredgecolor="black")
+            ax.axvline(math.log2(result.curves[0].optimum.x), color="gray", linestyle="--", linewidth=1,
+                       label="the first curve's optimum")
+            slope = "" if math.isnan(result.slope) else f" ({result.slope:+.2f} per doubling)"
+            finish(ax, f"log2 {result.hparam}", "loss above the curve's fitted optimum (%)",
+                   f"{result.group}: drift {result.drift:.2f} log2{slope}", legend_size=7)
 
 
 def _or_none(x: float) -> float | None:

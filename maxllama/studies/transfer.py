@@ -23,7 +23,9 @@ import yaml
 from maxllama.config import ConfigError, load_config
 from maxllama.config.loader import flatten
 from maxllama.config.schema import Config
-from maxllama.sweep.report import collect, fit_optimum
+from maxllama.sweep.plotting import figure, finish
+from maxllama.sweep.results import collect, fit_optimum, mean_curve, values_by_key
+from maxllama.train.flops import train_flops_per_token
 
 BATCH, STEPS, SEED = "train.batch_size", "train.steps", "seed"
 
@@ -55,21 +57,8 @@ class Fit:
         return out
 
 
-def values_by_key(rows: list[dict], key: str, metric: str) -> dict[float, list[float]]:
-    """The finite values of `metric` per value of `key`: one per seed."""
-    by_value: dict[float, list[float]] = defaultdict(list)
-    for row in rows:
-        if row.get(metric) is not None and math.isfinite(row[metric]):
-            by_value[float(row[key])].append(row[metric])
-    return by_value
-
-
-def _mean_curve(rows: list[dict], key: str, metric: str) -> list[tuple[float, float, int]]:
-    return [(x, float(np.mean(v)), len(v)) for x, v in sorted(values_by_key(rows, key, metric).items())]
-
-
 def fit_key(rows: list[dict], key: str, metric: str) -> Fit:
-    points = _mean_curve(rows, key, metric)
+    points = list(zip(*mean_curve(values_by_key(rows, key, metric))))
     if not points:
         raise ConfigError(f"no finished run has {metric} for {key}: run the sweep first (`maxllama sweep run`)")
     optimum = fit_optimum([p[0] for p in points], [p[1] for p in points])
@@ -219,7 +208,6 @@ def write(result: Transfer, out: Path, source: Path, target: Config | None, targ
 
 
 def run_flops(cfg: Config) -> float:
-    from maxllama.train.flops import train_flops_per_token
     tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
     return train_flops_per_token(cfg.model, cfg.train.seq_len) * tokens
 
@@ -255,24 +243,16 @@ def check_predictions(result: Transfer, check_dir: str | Path, metric: str = "fi
 
 
 def plot_checks(checks: list[Check], proxy_lr: float, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(checks), figsize=(5.5 * len(checks), 4.2), squeeze=False)
-    for ax, c in zip(axes[0], checks):
-        xs = [math.log2(p[0]) for p in c.measured.points]
-        ax.plot(xs, [p[1] for p in c.measured.points], "o-", label="measured (mean over seeds)")
-        ax.axvline(math.log2(c.measured.optimum), color="C0", linestyle=":", label=f"fitted optimum {c.measured.optimum:.3g}")
-        ax.axvline(math.log2(c.predicted_lr), color="C3", label=f"predicted {c.predicted_lr:.3g}")
-        ax.axvline(math.log2(proxy_lr), color="gray", linestyle="--", label=f"proxy's optimum {proxy_lr:.3g}")
-        ax.set_title(f"batch {c.batch}, {c.steps} steps: error {c.error_log2:+.2f} log2")
-        ax.set_xlabel("log2 learning rate")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("final validation loss")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, len(checks), (5.5, 4.2)) as (_, axes):
+        for ax, c in zip(axes, checks):
+            xs = [math.log2(p[0]) for p in c.measured.points]
+            ax.plot(xs, [p[1] for p in c.measured.points], "o-", label="measured (mean over seeds)")
+            ax.axvline(math.log2(c.measured.optimum), color="C0", linestyle=":",
+                       label=f"fitted optimum {c.measured.optimum:.3g}")
+            ax.axvline(math.log2(c.predicted_lr), color="C3", label=f"predicted {c.predicted_lr:.3g}")
+            ax.axvline(math.log2(proxy_lr), color="gray", linestyle="--", label=f"proxy's optimum {proxy_lr:.3g}")
+            finish(ax, "log2 learning rate", "final validation loss" if ax is axes[0] else None,
+                   f"batch {c.batch}, {c.steps} steps: error {c.error_log2:+.2f} log2", legend_size=7)
 
 
 def check_report(result: Transfer, check_dir: str | Path, out: Path, metric: str = "final_val_loss") -> str:

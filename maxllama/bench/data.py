@@ -1,6 +1,6 @@
 """`make bench-data`: token-store preparation speed (MB/s) and packed-batch throughput (tokens/s).
 
-    python -m maxllama.data.benchmark [--seq-len 2048] [--batch-size 32] [--workers 2] [--batches 200]
+    python -m maxllama.bench.data [--seq-len 2048] [--batch-size 32] [--workers 2] [--batches 200]
 """
 
 from __future__ import annotations

@@ -20,8 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from maxllama.base.tree import flat_paths
 from maxllama.config import ConfigError
+from maxllama.config.loader import build_config
 from maxllama.config.schema import Config, ModelConfig
+from maxllama.data.pipeline import build_datasets
+from maxllama.model.build import bind, define_model, initializer
+from maxllama.parallel.mesh import build_mesh
+from maxllama.parallel.rules import LogicalSharding
+from maxllama.sweep.plotting import figure, finish
+from maxllama.train.optimizer import build_optimizer
+from maxllama.train.schedules import make_schedule
+from maxllama.train.step import init_state, train_step_fn
 
 Axis = Literal["width", "depth"]
 
@@ -58,14 +68,12 @@ def ladder_config(cfg: Config, axis: Axis, value: int, proxy_value: int, paramet
                 metap={**cfg.metap.model_dump(), "parametrization": parametrization, "base": base.model_dump()},
                 optim={**cfg.optim.model_dump(), "lr": lr, "schedule": "constant", "warmup_steps": 0},
                 train={**cfg.train.model_dump(), "steps": steps})
-    from maxllama.config.loader import build_config
     return build_config(data)
 
 
 def module_means(intermediates: dict, by_kind: bool) -> dict[str, jax.Array]:
     """{module: mean |activation|}. Per layer ('layer3.ffn_out'), or per kind averaged over layers (for depth
     ladders, whose rungs have different layers) plus the last layer's residual stream."""
-    from maxllama.model.build import flat_paths
     means = {}
     for path, values in flat_paths(intermediates, is_leaf=lambda x: isinstance(x, tuple)).items():
         parts = path.split(".")
@@ -84,13 +92,6 @@ def module_means(intermediates: dict, by_kind: bool) -> dict[str, jax.Array]:
 def measure(cfg: Config, batch: dict, by_kind: bool, seeds: Sequence[int]) -> Iterator[list[dict[str, float]]]:
     """Per seed, the mean |activation| per module before each of cfg.train.steps updates and after the last.
     The seeds share one compiled model and train step: only the initial parameters differ."""
-    from maxllama.model.build import bind, define_model, initializer
-    from maxllama.parallel.mesh import build_mesh
-    from maxllama.parallel.rules import LogicalSharding
-    from maxllama.train.optimizer import build_optimizer
-    from maxllama.train.schedules import make_schedule
-    from maxllama.train.step import init_state, train_step_fn
-
     sharding = LogicalSharding(build_mesh(cfg.mesh, jax.devices()[:1]))
     model = define_model(cfg, sharding)
     schedule = make_schedule(cfg.optim, cfg.train.steps)
@@ -173,7 +174,6 @@ def slope_errors(values: Sequence[int], per_seed: Sequence[dict[str, list[list[f
 def coord_check(cfg: Config, axis: Axis, values: Sequence[int], parametrization: str, *, seeds: Sequence[int] = (0, 1),
                 steps: int = 4, lr: float | None = None, tolerance: float = 0.1, min_step: int = 2,
                 progress: Callable[[str], None] = lambda _: None) -> CoordCheck:
-    from maxllama.data.pipeline import build_datasets
     values = sorted(values)
     if len(values) < 2:
         raise ConfigError(f"--{axis}s: need at least two {axis}s to fit a slope, got {values}")
@@ -193,32 +193,20 @@ def coord_check(cfg: Config, axis: Axis, values: Sequence[int], parametrization:
 
 
 def plot(check: CoordCheck, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     steps = len(next(iter(check.means.values())))
-    cols = min(steps, 3)
-    rows = math.ceil(steps / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False, sharey=True)
-    for step in range(steps):
-        ax = axes[step // cols][step % cols]
-        for module, per_step in check.means.items():
-            ax.plot(check.values, per_step[step], "o-", markersize=3, label=module)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_title(f"step {step}")
-        ax.set_xlabel(check.axis)
-        ax.grid(alpha=0.3)
-    for extra in range(steps, rows * cols):
-        axes[extra // cols][extra % cols].axis("off")
-    axes[0][0].set_ylabel("mean |activation|")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=7)
-    verdict = "pass" if check.passed else f"FAIL ({len(check.failures())} module-steps)"
-    fig.suptitle(f"coordinate check vs {check.axis}: {check.parametrization} - {verdict}")
-    fig.tight_layout(rect=(0, 0.08 + 0.02 * math.ceil(len(labels) / 6), 1, 0.96))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    legend_rows = math.ceil(len(check.means) / 6)
+    with figure(path, steps, (4.2, 3.4), columns=min(steps, 3), sharey=True,
+                layout_rect=(0, 0.08 + 0.02 * legend_rows, 1, 0.96)) as (fig, axes):
+        for step, ax in enumerate(axes):
+            for module, per_step in check.means.items():
+                ax.plot(check.values, per_step[step], "o-", markersize=3, label=module)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            finish(ax, check.axis, "mean |activation|" if step == 0 else None, f"step {step}", legend_size=None)
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=7)
+        verdict = "pass" if check.passed else f"FAIL ({len(check.failures())} module-steps)"
+        fig.suptitle(f"coordinate check vs {check.axis}: {check.parametrization} - {verdict}")
 
 
 def write(check: CoordCheck, out_dir: Path) -> tuple[Path, Path]:
