@@ -52,7 +52,7 @@ SWEEP := $(ML) sweep run
 # the check see the update-dominated regime from step 2 on, as muP's zero-init readout does.
 # The check tests the rules' exponents, so it runs at their unit constants (metap.lr_readout=1, not the proxy's
 # tuned 11.3): a readout LR of 11.3 x 4e-3 from step 0 takes the logits from 0.02 to 2.4 in three steps, and in
-# the bounce on the fixed batch that follows, deeper models fall further (README: "Coordinate check").
+# the bounce on the fixed batch that follows, deeper models fall further (experiments/metap/README.md, "make metap-coord").
 # 6 seeds share one compile per rung.
 COORD := $(ML) metap coord-check experiments/metap/proxy.yaml metap.sigma_readout=0.005 metap.lr_readout=1 --lr 4e-3 \
 	--seeds 0,1,2,3,4,5 --out runs/metap/coord

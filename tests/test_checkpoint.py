@@ -21,7 +21,7 @@ import pytest
 
 from maxllama.checkpoint.manager import Checkpointer
 from maxllama.train.metrics import read_metrics
-from tests.conftest import compiled_train_step, SMALL_MODEL, small_config
+from tests.conftest import SMALL_MODEL, compiled_train_step, small_config
 
 STEPS = 30
 RUN = [*SMALL_MODEL, f"train.steps={STEPS}", "optim.warmup_steps=5", "train.eval_every=1000", "train.log_every=1",
@@ -185,8 +185,8 @@ def test_safe_changes_resume_and_are_recorded_in_the_config_history(uninterrupte
 
 
 def test_a_changed_tokenizer_is_refused_even_under_the_same_name(tmp_path):
-    from maxllama.train.resume import IncompatibleConfig, resume_changes
     from maxllama.config import dump_config
+    from maxllama.train.resume import IncompatibleConfig, resume_changes
     cfg = small_config()
     saved = dump_config(cfg)
     assert resume_changes(saved, "abc123", cfg, "abc123", tmp_path, "its checkpoints") == {}
@@ -305,10 +305,10 @@ def test_checkpoint_saved_on_8_devices_restores_on_1_and_on_2x4(tmp_path):
 
 def test_retention_keeps_the_newest_and_every_mth(tmp_path):
     cfg = small_config("checkpoint.keep=2", "checkpoint.keep_every=10")
+    from maxllama.base.state import TrainState
     from maxllama.model.build import define_model, init_params
     from maxllama.parallel.mesh import build_mesh
     from maxllama.parallel.rules import LogicalSharding
-    from maxllama.base.state import TrainState
     sharding = LogicalSharding(build_mesh(cfg.mesh))
     params = init_params(cfg, define_model(cfg, sharding), sharding)
     checkpointer = Checkpointer(tmp_path, cfg.checkpoint)

@@ -1,6 +1,6 @@
 """Logit parity with the Hugging Face reference implementation, import and export, and importer errors.
 
-Tiny random HF Llama 4 models exercise every feature (LLAMA4_SPEC.md): chunking, NoPE layers, temperature
+Tiny random HF Llama 4 models exercise every feature (docs/architecture.md): chunking, NoPE layers, temperature
 tuning, QK norm, both RoPE bands, top-1 and top-2 MoE, interleaved dense layers.
 """
 
@@ -27,7 +27,7 @@ BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=32, intermediate_s
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, attention_chunk_size=8,
             attn_temperature_tuning=True, floor_scale=4, attn_scale=0.1)
 CONFIGS = {
-    # The tiny config of LLAMA4_SPEC.md: every feature at once.
+    # A tiny config with every feature at once.
     "spec": dict(num_experts_per_tok=2, interleave_moe_layer_step=2, no_rope_layer_interval=2, use_qk_norm=True,
                  rope_parameters=LLAMA3_ROPE),
     # Scout-like: every layer MoE, QK norm, llama3 scaling, top-1.

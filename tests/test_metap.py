@@ -14,10 +14,10 @@ import optax
 import pytest
 import yaml
 
+from maxllama.base.tree import flat_paths
 from maxllama.config import ConfigError, load_config
 from maxllama.config.loader import dump_config
 from maxllama.metap import param_rule, parametrization_for
-from maxllama.base.tree import flat_paths
 from maxllama.model.build import define_model, init_params
 from maxllama.model.decoder import in_residual_branch
 from maxllama.parallel.mesh import build_mesh
@@ -205,8 +205,8 @@ def test_metaps_clipping_norm_keeps_the_proxys_value_across_width():
     """The measured claim behind the clip weights: at init the proxy's plain global norm falls by 40% at 8x its
     width (the embedding's and readout's gradients shrink as m^-1/2); the weighted norm stays within 20%."""
     from maxllama.data.pipeline import build_datasets
-    from maxllama.studies.coord_check import ladder_config
     from maxllama.model.build import bind, initializer
+    from maxllama.studies.coord_check import ladder_config
     from maxllama.train.loss import training_loss
     proxy, _ = load_config("experiments/metap/proxy.yaml", ["train.batch_size=4", "train.seq_len=32"])
     batch = build_datasets(proxy).train[0]
@@ -336,6 +336,11 @@ def test_transfer_cli_writes_metap_yaml_that_a_target_loads(tmp_path):
     assert "optim.lr: optimum 0.003" in result.stdout and "hidden" in result.stdout
     doc = yaml.safe_load(out.read_text())
     assert doc["target"]["parametrization"] == "metap"
+    # The target's table, written before metap.yaml existed, is the one the written file gives the target.
+    from maxllama.metap import table
+    from maxllama.model.build import define_abstract
+    target, _ = load_config("experiments/metap/proxy.yaml", [f"metap.from={out}"])
+    assert doc["target"] == yaml.safe_load(yaml.safe_dump(table.summary(target, define_abstract(target))))
     cfg, origins = load_config("experiments/metap/proxy.yaml",
                                [f"metap.from={out}", "model.d_model=128", "model.n_heads=8", "model.n_kv_heads=8"])
     assert cfg.optim.lr == pytest.approx(3e-3, rel=0.02) and origins["optim.lr"].startswith("metap.from")

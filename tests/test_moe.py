@@ -5,8 +5,16 @@ import pytest
 from flax import nnx
 
 from maxllama.metap import parametrization_for
-from maxllama.model.moe import (MoE, dense_scores, expert_capacity, experts_capacity, experts_dense, experts_dropless,
-                                route, routing_stats)
+from maxllama.model.moe import (
+    MoE,
+    dense_scores,
+    expert_capacity,
+    experts_capacity,
+    experts_dense,
+    experts_dropless,
+    route,
+    routing_stats,
+)
 from tests.conftest import small_config
 
 

@@ -11,10 +11,10 @@ import textwrap
 
 import pytest
 
-from maxllama.config import ConfigError, load_config
-from maxllama.parallel.mesh import MeshError, resolve_axis_sizes
 from maxllama.base.tree import flat_paths
+from maxllama.config import ConfigError, load_config
 from maxllama.model.build import IS_META, define_model, one_device_sharding
+from maxllama.parallel.mesh import MeshError, resolve_axis_sizes
 from maxllama.parallel.rules import DEFAULT_RULES, LOGICAL_AXES, MESH_AXES, logical_to_spec, make_rules
 
 MESHES = {
@@ -128,6 +128,7 @@ def test_two_processes_train_checkpoint_and_resume_like_one_process(tmp_path):
 
     import jax
     import numpy as np
+
     from maxllama.checkpoint.manager import Checkpointer
     from maxllama.checkpoint.model_dir import load_model_dir
     from maxllama.train.metrics import read_metrics

@@ -1,6 +1,6 @@
 import json
-import shutil
 import math
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -90,6 +90,7 @@ def test_fitted_optimum_of_a_parabola_in_log2_space():
 def ran_sweep(tmp_path_factory):
     """Three learning rates x two corpora, one of which does not exist: three runs finish, three fail."""
     import yaml
+
     from maxllama.config.loader import parse_scalar
     tmp_path = tmp_path_factory.mktemp("sweep")
     (tmp_path / "base.yaml").write_text("model:\n  d_model: 32\n")
@@ -137,6 +138,7 @@ def test_report_numbers_equal_the_runs_metrics(ran_sweep):
 
 def _saved_params(run_dir, step):
     import orbax.checkpoint as ocp
+
     from maxllama.checkpoint.manager import Checkpointer
     checkpointer = Checkpointer(run_dir / "checkpoints")
     params = checkpointer.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore())).params
@@ -146,6 +148,7 @@ def _saved_params(run_dir, step):
 
 def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(ran_sweep):
     import jax
+
     from maxllama.train.resume import read_config_history
     sweep_file, out, _ = ran_sweep
     sweep = load_sweep(sweep_file)
@@ -172,6 +175,7 @@ def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(ran_sweep):
 
 def test_a_run_trained_with_other_settings_is_neither_counted_nor_resumed(ran_sweep):
     import yaml
+
     from maxllama.sweep.executors import finished
     sweep_file, out, _ = ran_sweep
     spec = yaml.safe_load(sweep_file.read_text())
@@ -214,6 +218,7 @@ def test_a_signalled_sweep_stops_its_runs_as_preemption_and_starts_no_more(tmp_p
     import time
 
     import yaml
+
     from maxllama.config.loader import parse_scalar
     overrides = {o.split("=")[0]: parse_scalar(o.split("=")[1]) for o in SMALL_MODEL}
     overrides |= {"train.steps": 100000, "train.log_every": 1, "train.eval_every": 100000, "checkpoint.every_steps": 100000,
@@ -254,8 +259,9 @@ def test_a_signalled_sweep_stops_its_runs_as_preemption_and_starts_no_more(tmp_p
 
 def test_every_shipped_sweep_expands_to_valid_runs():
     """A typo in a sweep file under experiments/ would otherwise surface hours into `make metap-all`."""
-    import yaml
     from pathlib import Path
+
+    import yaml
     sweeps = [p for p in sorted(Path("experiments").rglob("*.yaml"))
               if isinstance(doc := yaml.safe_load(p.read_text()), dict) and "base" in doc and doc.keys() & {"grid", "zip", "random"}]
     assert len(sweeps) >= 15

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
-from maxllama.cli import _user_errors
+from maxllama.cli import USER_ERRORS
 from maxllama.config import load_config
 from maxllama.config.schema import SourceConfig
 from maxllama.data.prepare import WorkUnit, prepare, tokenize_file
@@ -30,7 +31,6 @@ from maxllama.interop.safetensors_io import SafetensorsReader, write_file
 from tests.conftest import SMALL_MODEL, small_config
 from tests.test_cli import run as cli
 
-USER_ERRORS = _user_errors()
 FEW = settings(max_examples=40, deadline=None)
 SOME = settings(max_examples=100, deadline=None)
 

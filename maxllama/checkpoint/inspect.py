@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 from pathlib import Path
 
 import jax
@@ -11,7 +10,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 
-from maxllama.checkpoint.manager import UNREADABLE, Checkpointer, param_name
+from maxllama.base.tree import param_path
+from maxllama.checkpoint.manager import UNREADABLE, Checkpointer
 from maxllama.checkpoint.model_dir import locate_checkpoint
 
 
@@ -67,8 +67,7 @@ def inspect_checkpoint(path: str | Path) -> str:
         lines.append(f"model: d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']}/{m['n_kv_heads']} heads, "
                      f"{m['n_experts']} experts (top-{m['top_k']}, every {m['moe_every']}), vocab {m['vocab_size']}; "
                      f"train: {cfg['train']['steps']} steps of {cfg['train']['batch_size']} x {cfg['train']['seq_len']}")
-    if "data" in meta:
-        lines.append(f"data position: batch {meta['data']['step']} (iterator {json.dumps(meta['data']['iterator'])})")
+    lines.append(f"data position: batch {step} (the batch at a step is a function of the step)")
     for item in ("params", "opt_state"):
         if not (step_dir / item).is_dir():
             continue
@@ -78,6 +77,6 @@ def inspect_checkpoint(path: str | Path) -> str:
         lines.append(f"{item}: {len(leaves)} arrays, {total:,} values")
         if item == "params":
             for key_path, leaf in leaves:
-                name = param_name(key_path)
+                name = param_path(key_path)
                 lines.append(f"  {name:<48} {str(tuple(leaf.shape)):<22} {leaf.dtype}")
     return "\n".join(lines)

@@ -19,12 +19,13 @@ import socket
 from pathlib import Path
 from typing import Callable, Iterator
 
+from maxllama.base.errors import UserError
 from maxllama.parallel.distributed import agree
 
 LOCK_FILE = "run.lock"
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """The run directory cannot be used (held by another process, not writable); the message says why."""
 
 

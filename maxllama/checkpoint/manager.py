@@ -1,7 +1,7 @@
 """Orbax checkpoints of the train state, the save policy, and the resume policy (`resume: auto|never|require`).
 
 A checkpoint is one Orbax step, written atomically (into a temporary folder renamed when complete), with
-items `params`, `opt_state` and `meta` (data-iterator state, resolved config, MetaP table, seed), so a model
+items `params`, `opt_state` and `meta` (resolved config, tokenizer fingerprint, MetaP table, seed), so a model
 can be restored without its optimizer (sampling, scoring, export, `init_from:`); an imported model has
 `params` alone. Saves are asynchronous: the loop waits only while arrays are copied off the device.
 Restoring tries the newest checkpoint first and falls back, with one warning line, past any that cannot be
@@ -26,16 +26,18 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from maxllama.base.errors import UserError
 from maxllama.base.signals import SaveFailed
+from maxllama.base.state import TrainState
+from maxllama.base.tree import param_path
 from maxllama.config.schema import CheckpointConfig
 from maxllama.parallel.distributed import agree, is_primary
-from maxllama.base.state import TrainState
 
 ITEMS = ("params", "opt_state", "meta")  # what a training checkpoint holds
 UNREADABLE = "unreadable"  # suffix of a checkpoint folder set aside because it could not be restored
 
 
-class ResumeError(RuntimeError):
+class ResumeError(UserError, RuntimeError):
     """The run directory cannot be resumed as asked (the policy, an incompatible config, no restorable
     checkpoint); the message says what to do."""
 
@@ -77,14 +79,8 @@ def _quiet_orbax() -> None:
     sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
-def param_name(path: tuple) -> str:
-    """`groups.blocks.0.attention.q`: one spelling for a tree path, whether the tree was restored (lists
-    become dicts keyed '0', '1', ...) or built."""
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
 def _shapes(tree: Any) -> dict[str, tuple]:
-    return {param_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    return {param_path(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def shape_mismatches(stored: Any, target: Any) -> list[str]:
@@ -259,7 +255,7 @@ class Checkpointer:
         return restored.params
 
     def meta(self, step: int) -> dict | None:
-        """The JSON metadata saved with checkpoint `step` (data-iterator state, config, MetaP), if any."""
+        """The JSON metadata saved with checkpoint `step` (config, tokenizer fingerprint, seed, MetaP), if any."""
         if not (self.directory / str(step) / "meta").is_dir():
             return None
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-
 from maxllama.checkpoint.manager import Checkpointer
 from maxllama.config import ConfigError, load_config
 from maxllama.config.schema import Config

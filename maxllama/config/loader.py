@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import pydantic
 import yaml
 
+from maxllama.base.errors import UserError
 from maxllama.config.schema import Config, Section, validate_consistency
 
 BASE_KEY = "base"
@@ -22,7 +23,7 @@ FROM_KEY = "from"  # metap.from: a transferred metap.yaml, applied by the loader
 TRANSFERRED_KEY = "config"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user error in a config file or override: the message names the key (and file:line) to fix."""
 
 
@@ -242,12 +243,20 @@ def build_config(data: Mapping[str, Any], origins: Mapping[str, str] | None = No
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> tuple[Config, dict[str, str]]:
-    """Resolve a config file (or the defaults, for None) with overrides. Returns (config, {key: origin})."""
+def load_config(path: str | Path | None, overrides: Sequence[str] = (),
+                transferred: Mapping[str, Any] | None = None) -> tuple[Config, dict[str, str]]:
+    """Resolve a config file (or the defaults, for None) with overrides. Returns (config, {key: origin}).
+    `transferred`: dotted keys applied in place of `metap.from`'s file (over the file, under the overrides), for a
+    caller that holds them before they are written."""
     data, origins = _load_chain(Path(path)) if path is not None else ({}, {})
-    transferred = _metap(apply_overrides(copy.deepcopy(data), dict(origins), overrides)).get(FROM_KEY)
-    if transferred is not None:
-        data = _apply_transferred(data, origins, transferred, Path(path).parent if path is not None else Path("."))
+    origin = "metap transfer"
+    source = _metap(apply_overrides(copy.deepcopy(data), dict(origins), overrides)).get(FROM_KEY)
+    if transferred is None and source is not None:
+        source_path, transferred = _read_transferred(source, Path(path).parent if path is not None else Path("."))
+        origin = f"metap.from {source_path}"
+    for key, value in (transferred or {}).items():
+        set_dotted(data, key, value)
+        origins[key] = origin
     data = apply_overrides(data, origins, overrides)
     _metap(data).pop(FROM_KEY, None)
     cfg = build_config(data, origins)
@@ -260,8 +269,8 @@ def _metap(data: Mapping[str, Any]) -> dict[str, Any]:
     return section if isinstance(section, dict) else {}
 
 
-def _apply_transferred(data: dict[str, Any], origins: dict[str, str], source: Any, config_dir: Path) -> dict[str, Any]:
-    """`metap.from: PATH`: the hyperparameters `maxllama metap transfer` wrote, applied over the config file
+def _read_transferred(source: Any, config_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """`metap.from: PATH`: the hyperparameters `maxllama metap transfer` wrote, to apply over the config file
     (command-line overrides still win). A relative path is taken from the config's folder, then from here."""
     if not isinstance(source, str):
         raise ConfigError(f"metap.from: must be the path of a metap.yaml written by `maxllama metap transfer`, got {source!r}")
@@ -271,10 +280,7 @@ def _apply_transferred(data: dict[str, Any], origins: dict[str, str], source: An
     values = read_yaml(path, "metap.from file")[0].get(TRANSFERRED_KEY)
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: has no '{TRANSFERRED_KEY}:' mapping of dotted keys; is it from `maxllama metap transfer`?")
-    for key, value in values.items():
-        set_dotted(data, key, value)
-        origins[key] = f"metap.from {path}"
-    return data
+    return path, values
 
 
 def resolved_origins(cfg: Config, origins: Mapping[str, str]) -> dict[str, str]:

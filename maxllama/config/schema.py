@@ -12,7 +12,6 @@ from typing import ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-
 DType = Literal["float32", "bfloat16"]
 
 
@@ -227,7 +226,7 @@ class MetaPExponents(Section):
 
 
 class MetaPConfig(Section):
-    """Per-group init scales, multipliers and learning rates (METAP.md). With `parametrization: metap`, the
+    """Per-group init scales, multipliers and learning rates (docs/metap.md). With `parametrization: metap`, the
     numbers below are the proxy's tuned values and the rules carry them to this run's shape."""
 
     parametrization: Literal["standard", "metap"] = Field(

@@ -16,7 +16,7 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -24,8 +24,7 @@ from tqdm import tqdm
 from maxllama.config import ConfigError
 from maxllama.config.schema import SourceConfig
 from maxllama.data.sources import document_root, held_out, iter_documents, resolve_files, source_format
-from maxllama.data.store import (MANIFEST, PARTS, SPLITS, concatenate_documents, create_array, read_manifest,
-                                 token_dtype)
+from maxllama.data.store import MANIFEST, PARTS, SPLITS, concatenate_documents, create_array, read_manifest, token_dtype
 from maxllama.data.tokenizer import Tokenizer, make_tokenizer
 
 
@@ -91,6 +90,14 @@ def plan_units(sources: Sequence[SourceConfig]) -> list[WorkUnit]:
         for path in files:
             units.append(WorkUnit(len(units), path, fmt, source.field, prefix))
     return units
+
+
+def source_texts(sources: Sequence[SourceConfig]) -> Iterator[str]:
+    """Every document of the sources as text (undecodable bytes replaced): what a tokenizer is trained on."""
+    skipped: Counter = Counter()
+    for unit in plan_units(sources):
+        for doc in iter_documents(unit.path, unit.format, unit.field, skipped, unit.id_prefix):
+            yield doc.text.decode("utf-8", errors="replace") if isinstance(doc.text, bytes) else doc.text
 
 
 def prepare(sources: Sequence[SourceConfig], out_dir: str | Path, tokenizer_spec: str = "byte", *,

@@ -1,7 +1,8 @@
 """Tokenizers: byte-level (default), a Hugging Face `tokenizer.json`, or a SentencePiece model.
 
-Every tokenizer reserves the same special tokens (LLAMA4_SPEC.md: bos, eos, pad and the image tokens), so
-packing, multimodal samples and sampling never depend on which tokenizer is in use. A tokenizer that already
+Every tokenizer reserves the same special tokens, bos, eos, pad and the image tokens (docs/architecture.md,
+"Tokenizers and special tokens"), so packing, multimodal samples and sampling never depend on which tokenizer
+is in use. A tokenizer that already
 has one of them (under its canonical name or a known alias such as `<|begin_of_text|>`) keeps its id; the
 others are appended after its vocabulary.
 """
@@ -94,7 +95,8 @@ class HFTokenizer(SpecialIds):
     """A `tokenizers` JSON file (what Hugging Face models ship as tokenizer.json)."""
 
     def __init__(self, path: str | Path):
-        from tokenizers import AddedToken, Tokenizer as RawTokenizer
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as RawTokenizer
         self.path = Path(path)
         self.name = str(path)
         self.raw = RawTokenizer.from_file(str(path))
@@ -177,7 +179,8 @@ def make_tokenizer(spec: str) -> Tokenizer:
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | Path) -> HFTokenizer:
     """Train a byte-level BPE tokenizer (the `tokenizers` library) with the special tokens reserved."""
-    from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
     raw = RawTokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()

@@ -10,8 +10,18 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from maxllama.base.errors import UserError
 from maxllama.model.build import ModelDef, bind
+
+
+def encode_prompt(tokenizer, text: str, vocab_size: int) -> np.ndarray:
+    """[1, T] token ids of a prompt, BOS first: documents start with BOS in training, so a prompt does too."""
+    prompt = np.concatenate([[tokenizer.bos_id], tokenizer.encode(text)]).astype(np.int32)[None]
+    if prompt.max() >= vocab_size:
+        raise UserError(f"the prompt has token ids beyond model.vocab_size ({vocab_size})")
+    return prompt
 
 
 def next_token(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:

@@ -8,12 +8,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maxllama.base.errors import UserError
 from maxllama.model.build import ModelDef, bind
 
 
 class Scores(NamedTuple):
     mean_log_likelihood: np.ndarray  # [B] nats per predicted token (T - 1 predictions per sequence)
     logits: np.ndarray | None  # [B, T, V] fp32, when asked for
+
+
+def load_token_array(path: str, vocab_size: int) -> np.ndarray:
+    """A [batch, seq >= 2] integer .npy array of ids in [0, vocab_size); anything else is a UserError naming it."""
+    try:
+        tokens = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--tokens {path}: cannot read a .npy array ({e})") from None
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer) or tokens.shape[1] < 2:
+        raise UserError(f"--tokens {path}: need a [batch, seq] integer array with seq >= 2, "
+                        f"got {tokens.dtype} {tokens.shape}")
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise UserError(f"--tokens {path}: ids must be in [0, {vocab_size}), got [{tokens.min()}, {tokens.max()}]")
+    return tokens
 
 
 def score(model: ModelDef, params: dict, tokens: np.ndarray, *, batch_size: int = 8,

@@ -24,8 +24,7 @@ from maxllama.config import ConfigError, dump_config
 from maxllama.config.loader import apply_overrides, build_config
 from maxllama.interop import InteropError
 from maxllama.interop.hf_config import hf_config_from_model, model_config_from_hf, text_config
-from maxllama.interop.hf_weights import (TOP_LEVEL, get_path, hf_names_consumed, layer_rules, layer_slot,
-                                         read_hf_tensor, export_tensors)
+from maxllama.interop.hf_weights import TOP_LEVEL, export_tensors, get_path, hf_names_consumed, layer_rules, layer_slot, read_hf_tensor
 from maxllama.interop.safetensors_io import SafetensorsReader, write_sharded
 from maxllama.model.build import define_model
 from maxllama.parallel.mesh import build_mesh

@@ -120,7 +120,7 @@ def model_config_from_hf(hf_root: Mapping[str, Any]) -> dict[str, Any]:
         "n_layers": n_layers,
         "n_heads": n_heads,
         "n_kv_heads": _get(hf, "num_key_value_heads", int, None, minimum=1) or n_heads,
-        "head_dim": _get(hf, "head_dim", int, None, minimum=1) or d_model // n_heads,
+        "head_dim": _get(hf, "head_dim", int, None, minimum=1),  # unset: the model's d_model // n_heads
         "d_ff": _get(hf, "intermediate_size_mlp", int, minimum=1),
         "d_ff_expert": _get(hf, "intermediate_size", int, minimum=1),
         "n_experts": _get(hf, "num_local_experts", int, 16, minimum=1),

@@ -1,4 +1,4 @@
-"""The rules table of METAP.md: from a parameter's role and width ratio to its init std, learning-rate
+"""The rules table of docs/metap.md: from a parameter's role and width ratio to its init std, learning-rate
 multiplier, weight decay and Adam eps, and from the run's shape to the model's forward multipliers.
 
 Every number is a function of the config alone (`metap.*`, `optim.*`) and of the ratios between this run
@@ -12,6 +12,7 @@ import dataclasses
 from typing import Literal, Optional
 
 from maxllama.config.schema import Config
+from maxllama.metap.shapes import proxy_model
 
 Role = Literal["embedding", "hidden", "readout", "router", "vector"]
 ROLES: tuple[Role, ...] = ("embedding", "hidden", "readout", "router", "vector")
@@ -48,22 +49,15 @@ class Parametrization:
     attention_scale: float = 1.0  # multiplies q.k
 
 
-def proxy_head_dim(cfg: Config) -> int:
-    base, m = cfg.metap.base, cfg.model
-    if base.head_dim is not None:
-        return base.head_dim
-    if m.head_dim is not None:
-        return m.head_dim
-    return (base.d_model or m.d_model) // (base.n_heads or m.n_heads)
-
-
 def parametrization_for(cfg: Config) -> Parametrization:
     mp, head_dim = cfg.metap, cfg.model.resolved_head_dim
     if mp.parametrization == "standard":
         return Parametrization("standard", attention_scale=head_dim ** -0.5)
     s, e = run_scales(cfg), mp.exponents
     # alpha_attn / head_dim^e, alpha_attn defaulting to proxy head_dim^(e - 1/2): 1/sqrt(head_dim) at the proxy.
-    alpha_attention = mp.alpha_attention if mp.alpha_attention is not None else proxy_head_dim(cfg) ** (e.attention - 0.5)
+    alpha_attention = mp.alpha_attention
+    if alpha_attention is None:
+        alpha_attention = proxy_model(cfg).resolved_head_dim ** (e.attention - 0.5)
     return Parametrization(
         "metap",
         embedding_multiplier=mp.alpha_embedding,
@@ -95,7 +89,7 @@ def global_lr_factor(cfg: Config, s: Scales) -> float:
 
 
 def param_rule(cfg: Config, role: Role, ratio: float, *, in_branch: bool, query: bool = False) -> ParamRule:
-    """The rules table for AdamW (METAP.md), one row per role. `in_branch`: the parameter sits inside a residual
+    """The rules table for AdamW (docs/metap.md), one row per role. `in_branch`: the parameter sits inside a residual
     branch, so the branch multiplier m_L^-alpha scales its gradient and its output; `query`: a query projection."""
     mp, o = cfg.metap, cfg.optim
     if mp.parametrization == "standard":

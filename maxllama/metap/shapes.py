@@ -10,10 +10,12 @@ fan-in in the proxy.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from maxllama.config.schema import Config, MetaPBaseConfig, ModelConfig
-from maxllama.metap.rules import Role
+
+if TYPE_CHECKING:  # the rules build on the proxy model defined here
+    from maxllama.metap.rules import Role
 
 # Axes that never count towards a width ratio: depth and expert count are axes of their own.
 NOT_WIDTH = ("layers", "expert")

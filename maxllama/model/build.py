@@ -46,6 +46,12 @@ def _shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {path: tuple(s.shape) for path, s in flat_paths(nnx.to_pure_dict(state)).items()}
 
 
+def define_abstract(cfg: Config) -> ModelDef:
+    """The model from shapes alone on one device, whatever the config's mesh: enough for parameter counts and
+    MetaP's table, even of a 400B-parameter config on a laptop."""
+    return define_model(cfg, one_device_sharding())
+
+
 def define_model(cfg: Config, sharding: LogicalSharding) -> ModelDef:
     """Shapes, metadata, MetaP rules and structure of the model without allocating a single parameter."""
     parametrization = parametrization_for(cfg)

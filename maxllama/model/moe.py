@@ -66,7 +66,7 @@ def swiglu_experts(x, gate, up, down, contract: str):
 
 
 def experts_dense(tokens, routing, gate, up, down, capacity_factor=None):
-    """Reference dispatch: every expert on every token (LLAMA4_SPEC's 'computes every expert densely')."""
+    """Reference dispatch: every expert on every token (docs/architecture.md, "Mixture of experts")."""
     del capacity_factor
     scores = dense_scores(routing, gate.shape[0]).astype(tokens.dtype)
     x = tokens[None] * scores.T[:, :, None]  # [E, N, D]

@@ -1,4 +1,4 @@
-"""RMSNorm, computed in fp32 and cast back (LLAMA4_SPEC: `x * rsqrt(mean(x^2) + eps)`)."""
+"""RMSNorm, `x * rsqrt(mean(x^2) + eps)` computed in fp32 and cast back (docs/architecture.md, "The decoder")."""
 
 import jax
 import jax.numpy as jnp

@@ -23,7 +23,7 @@ def _is_routed_expert(meta: dict) -> bool:
 
 
 def vision_param_count(v: VisionConfig, text_d_model: int) -> int:
-    """Early-fusion vision encoder + adapter + projector, as specified in LLAMA4_SPEC.md (with biases)."""
+    """Early-fusion vision encoder + adapter + projector, as docs/architecture.md ("Vision encoder") describes it, with biases."""
     if not v.enabled:
         return 0
     d, f = v.d_model, v.d_ff

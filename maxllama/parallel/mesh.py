@@ -9,11 +9,12 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
+from maxllama.base.errors import UserError
 from maxllama.config.schema import MeshConfig
 from maxllama.parallel.rules import MESH_AXES
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
     """The configured mesh does not fit the available devices."""
 
 

@@ -23,6 +23,8 @@ import yaml
 from maxllama.config import ConfigError, load_config
 from maxllama.config.loader import flatten
 from maxllama.config.schema import Config
+from maxllama.metap import table as metap_table
+from maxllama.model.build import define_abstract
 from maxllama.sweep.plotting import figure, finish
 from maxllama.sweep.results import collect, fit_optimum, mean_curve, values_by_key
 from maxllama.train.flops import train_flops_per_token
@@ -190,7 +192,25 @@ def transfer(sweep_dir: str | Path, metric: str = "final_val_loss", where: dict[
     return Transfer(proxy, [r["name"] for r in rows], fits, lr_by_budget, kappa, beta, warnings)
 
 
-def write(result: Transfer, out: Path, source: Path, target: Config | None, target_summary: dict | None) -> None:
+@dataclasses.dataclass
+class Target:
+    """The config a transfer is for, with the transferred values applied, and MetaP's table there."""
+    path: str
+    config: Config
+    summary: dict
+
+    def proxy_cost(self, result: Transfer, sweep_dir: str | Path) -> float:
+        """The FLOPs of the proxy runs the fits used, in units of one target run."""
+        return sweep_flops(sweep_dir, result.runs) / run_flops(self.config)
+
+
+def resolve_target(result: Transfer, path: str) -> Target:
+    """The target config as `metap.from` would give it the transfer (nothing allocated, any size)."""
+    cfg = load_config(path, transferred=result.config())[0]
+    return Target(path, cfg, metap_table.summary(cfg, define_abstract(cfg)))
+
+
+def write(result: Transfer, out: Path, source: Path, target: Target | None = None) -> None:
     doc = {
         "config": result.config(),
         "proxy_sweep": str(source),
@@ -199,8 +219,8 @@ def write(result: Transfer, out: Path, source: Path, target: Config | None, targ
         "lr_by_budget": result.lr_by_budget,
         "warnings": result.warnings,
     }
-    if target_summary is not None:
-        doc["target"] = target_summary
+    if target is not None:
+        doc["target"] = target.summary
     out.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# maxllama metap transfer {source}: the proxy's tuned hyperparameters and shape.\n"
               f"# A target config applies them with   metap: {{from: {out}}}\n")

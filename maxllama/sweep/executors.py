@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from maxllama.base.errors import UserError
 from maxllama.base.signals import PREEMPTED_EXIT_CODE, preemption_signals
 from maxllama.config import ConfigError, load_config
 from maxllama.config.compat import config_changes, describe
@@ -124,6 +125,17 @@ class Children:
         with self.lock:
             for child in self.running:
                 child.terminate()
+
+
+def resolve_executor(sweep: Sweep, executor_type: str | None = None, parallel: int | None = None) -> dict:
+    """The sweep file's executor with the command line's choices over it."""
+    if parallel is not None and parallel < 1:
+        raise UserError(f"--parallel: must be at least 1, got {parallel}")
+    executor = {**sweep.executor, **({"type": executor_type} if executor_type else {}),
+                **({"parallel": parallel} if parallel else {})}
+    if executor["type"] not in ("local", "slurm"):
+        raise UserError(f"executor.type: unknown executor {executor['type']!r:.40} (local, slurm)")
+    return executor
 
 
 def run_local(sweep: Sweep, sweep_dir: Path, parallel: int = 1, progress: bool = True, log=print) -> dict:

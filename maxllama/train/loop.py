@@ -11,28 +11,30 @@ from pathlib import Path
 import jax
 from tqdm import tqdm
 
+from maxllama.base.signals import Preempted, preemption_signals
 from maxllama.checkpoint.lock import hold_run_dir
 from maxllama.checkpoint.manager import Checkpointer, ResumeError, check_resume_policy
 from maxllama.checkpoint.model_dir import restore_params_into
-from maxllama.base.signals import NonFiniteStop, Preempted, preemption_signals
 from maxllama.config import ConfigError, dump_config
 from maxllama.config.compat import describe
 from maxllama.config.schema import Config
 from maxllama.data.pipeline import batch_statistics, build_datasets, iterate, unigram_entropy
-from maxllama.model.build import define_model, init_params, param_shardings
 from maxllama.metap import table as metap_table
+from maxllama.model.build import define_model, init_params, param_shardings
 from maxllama.model.param_count import count_params
 from maxllama.parallel.distributed import agree, is_primary, to_host
 from maxllama.parallel.mesh import build_mesh
 from maxllama.parallel.rules import LogicalSharding, make_rules
 from maxllama.train.flops import train_flops_per_token
 from maxllama.train.metrics import MetricsLog, read_metrics
-from maxllama.train.resume import record_config, resume_changes
 from maxllama.train.optimizer import build_optimizer
 from maxllama.train.peak import peak_flops_per_device
 from maxllama.train.preflight import replicated_parameters
+from maxllama.train.reporting import StepReporter
+from maxllama.train.resume import record_config, resume_changes
 from maxllama.train.schedules import make_schedule
 from maxllama.train.step import compile_steps, init_state
+from maxllama.train.throughput import Throughput
 
 
 @dataclasses.dataclass
@@ -66,17 +68,6 @@ def peak_memory_gb() -> float:
     if "peak_bytes_in_use" in stats:
         return stats["peak_bytes_in_use"] / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # host process peak RSS (KB -> GB)
-
-
-def _cross_check_data_position(saved: dict | None, step: int, log) -> None:
-    """The data position is the step (batches are a function of it); the saved Grain iterator state must
-    agree. A disagreement means the data changed under the run: say so, loudly."""
-    if not saved or "next_index" not in saved.get("iterator", {}):
-        return
-    position = saved["iterator_start"] + saved["iterator"]["next_index"]
-    if position != step:
-        log(f"warning: the data iterator saved with checkpoint {step} was at batch {position}; "
-            f"resuming at batch {step}, the position the step implies")
 
 
 def train(cfg: Config, *, log=print, devices=None) -> TrainSummary:
@@ -132,7 +123,6 @@ def _train(cfg: Config, log, devices, primary: bool) -> TrainSummary:
         log(f"resumed from {checkpointer.directory}/{step}")
         if accepted:
             log(f"changed since the checkpoint: {describe(accepted)}")
-        _cross_check_data_position(meta.get("data"), step, log)
     else:
         saved = run_dir / "config.yaml"
         accepted = changes({"config": saved.read_text()}, "its config.yaml") if saved.exists() else {}
@@ -151,15 +141,12 @@ def _train(cfg: Config, log, devices, primary: bool) -> TrainSummary:
     train_step = train_step.lower(state, global_batch(data.validation[0], batch_sharding)).compile()
     compile_time = time.perf_counter() - t0
 
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     flops_per_token = train_flops_per_token(cfg.model, cfg.train.seq_len)
     peak, peak_source = peak_flops_per_device(cfg.model.compute_dtype)
-    peak_total = peak * mesh.size
     entropy = unigram_entropy(data.validation)
     log(f"model: {counts.total / 1e6:.2f}M parameters, {counts.active / 1e6:.2f}M active per token; "
         f"{flops_per_token / 1e6:.1f} MFLOPs per token")
     skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(data.skipped.items())) or "none"
-    data_counts = {f"skipped_{reason}": n for reason, n in data.skipped.items()}
     log(f"data: {data.train_documents} train documents ({data.train_tokens / 1e6:.1f}M tokens) from "
         f"{len(data.sources)} source(s), {data.validation_documents} validation documents; skipped records: "
         f"{skipped}; long documents split: {data.split_documents}")
@@ -167,95 +154,62 @@ def _train(cfg: Config, log, devices, primary: bool) -> TrainSummary:
         f"per device ({peak_source}); compiled in {compile_time:.1f}s")
     log(f"run directory: {run_dir}  (metrics.jsonl, tensorboard/, checkpoints/)")
 
-    metrics_log = MetricsLog(run_dir, resume_step=start, tensorboard=cfg.logging.tensorboard, enabled=primary)
-    progress = tqdm(total=cfg.train.steps, initial=start, disable=not (cfg.logging.progress and primary),
-                    unit="step", dynamic_ncols=True)
-    pending: list[tuple[int, dict]] = []  # device metrics not yet fetched: fetching every step would sync
-    val_losses: dict[int, float] = {}
-    intervals: list[tuple[int, float]] = []  # (steps, seconds) between flushes, evaluation time excluded
-    interval_start, data_wait, val_loss = time.perf_counter(), 0.0, float("nan")
+    def validation_loss(params) -> float:
+        return evaluate(eval_step, params, data.validation, batch_sharding)
 
-    nonfinite_steps = 0
-
-    def flush() -> None:
-        nonlocal interval_start, data_wait, nonfinite_steps
-        if not pending:
-            return
-        rows = to_host(pending)
-        elapsed = time.perf_counter() - interval_start
-        intervals.append((len(rows), elapsed))
-        tokens_per_s = tokens_per_step * len(rows) / elapsed
-        mfu = tokens_per_s * flops_per_token / peak_total
-        for step, metrics in rows:
-            metrics_log.write({"step": step, **metrics, **data_counts, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                               "step_time_s": elapsed / len(rows), "data_wait_s": data_wait / len(rows),
-                               "tokens_seen": step * tokens_per_step, **({"val_loss": val_losses.pop(step)}
-                                                                         if step in val_losses else {})})
-        metrics_log.flush()
-        bad = [step for step, metrics in rows if metrics.get("nonfinite")]
-        nonfinite_steps += len(bad)
-        if bad and cfg.train.nonfinite == "stop":
-            raise NonFiniteStop(f"non-finite loss or gradient at step {bad[0]} (the update was not applied); "
-                                f"lower optim.lr, check the data, or set train.nonfinite=skip")
-        if bad:
-            progress.write(f"skipped the non-finite update of step(s) {bad} ({nonfinite_steps} so far)")
-        progress.set_postfix(loss=f"{float(rows[-1][1]['loss']):.3f}", tok_s=f"{tokens_per_s:,.0f}",
-                             mfu=f"{mfu:.1%}")
-        pending.clear()
-        interval_start, data_wait = time.perf_counter(), 0.0
-
-    if start >= cfg.train.steps:
-        log(f"the run already reached train.steps={cfg.train.steps}; raise train.steps to train further")
-        val_loss = evaluate(eval_step, state.params, data.validation, batch_sharding)
-    batches = iter(iterate(data.train, start, prefetch=cfg.data.prefetch, workers=cfg.data.workers))
-
-    def save(step: int, *, wait: bool = False) -> None:
-        flush()  # fetches the step's metrics first: a non-finite run stops before it saves
+    def save(step: int, state, *, wait: bool = False) -> None:
+        reporter.flush()  # fetches the step's metrics first: a non-finite run stops before it saves
         checkpointer.save(step, state, wait=wait, meta={
-            "data": {"step": step, "iterator_start": start, "iterator": batches.get_state()},
             "config": dump_config(cfg), "tokenizer": tokenizer, "seed": cfg.seed, "metap": metap_parameters})
 
+    throughput = Throughput(cfg.train.batch_size * cfg.train.seq_len, flops_per_token, peak * mesh.size)
+    val_loss = float("nan")
+    if start >= cfg.train.steps:
+        log(f"the run already reached train.steps={cfg.train.steps}; raise train.steps to train further")
+        val_loss = validation_loss(state.params)
+    # The batch at a step is a function of the step: the step is the data position, and a resumed run reads
+    # from it on.
+    batches = iter(iterate(data.train, start, prefetch=cfg.data.prefetch, workers=cfg.data.workers))
     with contextlib.ExitStack() as cleanup:
         preemption = cleanup.enter_context(preemption_signals())
         cleanup.callback(checkpointer.close)
+        metrics_log = MetricsLog(run_dir, resume_step=start, tensorboard=cfg.logging.tensorboard, enabled=primary)
         cleanup.callback(metrics_log.close)
+        progress = tqdm(total=cfg.train.steps, initial=start, disable=not (cfg.logging.progress and primary),
+                        unit="step", dynamic_ncols=True)
         cleanup.callback(progress.close)
+        reporter = StepReporter(metrics_log, progress, throughput, nonfinite=cfg.train.nonfinite,
+                                constant={f"skipped_{reason}": n for reason, n in data.skipped.items()})
         for step in range(start + 1, cfg.train.steps + 1):
-            t_wait = time.perf_counter()
-            local = next(batches)
-            batch = global_batch(local, batch_sharding)
-            data_wait += time.perf_counter() - t_wait
+            with throughput.waiting_for_data():
+                local = next(batches)
+                batch = global_batch(local, batch_sharding)
             state, metrics = train_step(state, batch)
-            pending.append((step, {**metrics, **batch_statistics(local)}))
-            progress.update(1)
+            reporter.add(step, {**metrics, **batch_statistics(local)})
             last = step == cfg.train.steps
+
             if step % cfg.train.eval_every == 0 or last:
-                jax.block_until_ready(state)
-                t_eval = time.perf_counter()
-                val_loss = val_losses[step] = evaluate(eval_step, state.params, data.validation, batch_sharding)
-                interval_start += time.perf_counter() - t_eval
-                progress.write(f"step {step}: val_loss {val_loss:.4f}  (unigram entropy {entropy:.4f})")
-            if step % cfg.train.log_every == 0 or step in val_losses or last:
-                flush()
+                jax.block_until_ready(state)  # the step's compute belongs to its interval, the evaluation to none
+                with throughput.paused():
+                    val_loss = validation_loss(state.params)
+                reporter.add_validation(step, val_loss, entropy)
+            if step % cfg.train.log_every == 0 or step in reporter.val_losses or last:
+                reporter.flush()
             # One collective per step decides for every process at once: stop (preempted) or save (due).
             preempted, due = agree(preemption.requested, checkpointer.due(step))
             if preempted:
                 t_save = time.perf_counter()
-                save(step, wait=True)
+                save(step, state, wait=True)
                 took = time.perf_counter() - t_save
                 late = f" (over the {cfg.checkpoint.grace_seconds:.0f} s grace period)" if took > cfg.checkpoint.grace_seconds else ""
                 raise Preempted(f"{preemption.name or 'another process was signalled'}: saved step {step} in {took:.1f} s{late}; "
                                 f"re-run the same command to resume")
             if last or due:
-                save(step)
+                save(step, state)
 
-    measured = intervals[1:] or intervals  # the first interval pays for warm-up
-    n = sum(steps for steps, _ in measured)
-    elapsed = sum(seconds for _, seconds in measured)
-    tokens_per_s = tokens_per_step * n / elapsed if n else float("nan")
+    measured = throughput.summary()
     return TrainSummary(
-        final_step=int(to_host(state.step)), val_loss=val_loss, unigram_entropy=entropy, tokens_per_s=tokens_per_s,
-        mfu=tokens_per_s * flops_per_token / peak_total, step_time_s=elapsed / n if n else float("nan"), compile_time_s=compile_time,
-        peak_memory_gb=peak_memory_gb(), params_total=counts.total, params_active=counts.active,
-        nonfinite_steps=nonfinite_steps)
-
+        final_step=int(to_host(state.step)), val_loss=val_loss, unigram_entropy=entropy,
+        tokens_per_s=measured.tokens_per_s, mfu=measured.mfu, step_time_s=measured.step_time_s,
+        compile_time_s=compile_time, peak_memory_gb=peak_memory_gb(), params_total=counts.total,
+        params_active=counts.active, nonfinite_steps=reporter.nonfinite_steps)

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from maxllama.base.state import TrainState
 from maxllama.config.schema import Config
 from maxllama.model.build import define_model, param_shardings, sharded_abstract_params
 from maxllama.parallel.mesh import build_mesh
@@ -16,7 +17,6 @@ from maxllama.parallel.rules import LogicalSharding, make_rules
 from maxllama.train.flops import train_flops_per_token
 from maxllama.train.optimizer import build_optimizer
 from maxllama.train.schedules import make_schedule
-from maxllama.base.state import TrainState
 from maxllama.train.step import optimizer_state_shardings, train_step_fn
 
 
