@@ -325,8 +325,9 @@ def test_checkpoint_list_and_inspect_commands(uninterrupted):
     steps = [int(line.split()[0]) for line in listing.stdout.splitlines()[1:] if line.split()[0].isdigit()]
     assert steps == [20, 25, 30]  # checkpoint.keep = 3
     assert "meta, opt_state, params" in listing.stdout
-    inspected = subprocess.run([sys.executable, "-m", "maxllama", "checkpoint", "inspect",
-                                str(uninterrupted / "checkpoints" / "25")], capture_output=True, text=True)
+    inspected = subprocess.run([sys.executable, "-m", "maxllama", "checkpoint", "inspect",  # a relative path, too
+                                f"{uninterrupted.name}/checkpoints/25"], capture_output=True, text=True,
+                               cwd=uninterrupted.parent)
     assert inspected.returncode == 0, inspected.stderr
     out = inspected.stdout
     assert "step 25" in out and "d_model 32, 4 layers" in out and "data position: batch 25" in out

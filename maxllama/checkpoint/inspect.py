@@ -55,7 +55,7 @@ def list_checkpoints(run_dir: str | Path) -> str:
 
 def inspect_checkpoint(path: str | Path) -> str:
     run_dir, step = locate_checkpoint(path)
-    step_dir = run_dir / "checkpoints" / str(step)
+    step_dir = run_dir.resolve() / "checkpoints" / str(step)  # Orbax reads array metadata from absolute paths only
     checkpointer = Checkpointer(run_dir / "checkpoints", read_only=True)
     meta = checkpointer.meta(step) or {}
     checkpointer.close()
