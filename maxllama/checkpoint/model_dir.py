@@ -4,7 +4,10 @@ writes. Sampling, scoring, export and `init_from:` all load models through here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
+
+import jax
+import orbax.checkpoint as ocp
 
 from maxllama.checkpoint.manager import Checkpointer
 from maxllama.config import ConfigError, load_config
@@ -35,13 +38,26 @@ def locate_checkpoint(path: str | Path) -> tuple[Path, int]:
     return path, steps[-1]
 
 
-def restore_params_into(path: str | Path, cfg: Config, model: ModelDef, sharding: LogicalSharding) -> tuple[dict, int]:
-    """Parameters of the checkpoint at `path`, shaped and sharded for `model`; errors name the mismatch."""
+def saved_parts(step_dir: Path) -> set[str]:
+    """The top-level parts (`embed`, `groups`, `vision`, ...) of the parameters saved in a checkpoint."""
+    tree = ocp.StandardCheckpointHandler().metadata(step_dir.resolve() / "params")
+    return {str(getattr(path[0], "key", path[0])) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def restore_params_into(path: str | Path, cfg: Config, model: ModelDef, sharding: LogicalSharding,
+                        fresh: Callable[[], dict] | None = None, log=print) -> tuple[dict, int]:
+    """Parameters of the checkpoint at `path`, shaped and sharded for `model`; errors name the mismatch. A text
+    checkpoint can start a model with a vision encoder: `fresh()` gives the encoder, newly initialised."""
     directory, step = locate_checkpoint(path)
     target = sharded_abstract_params(model, sharding)
+    new_vision = fresh is not None and set(target) - saved_parts(directory / "checkpoints" / str(step)) == {"vision"}
+    if new_vision:
+        log(f"{directory}/checkpoints/{step} has no vision encoder: it starts freshly initialised")
+        target = {k: v for k, v in target.items() if k != "vision"}
     checkpointer = Checkpointer(directory / "checkpoints", read_only=True)
     try:
-        return checkpointer.restore_params(step, target), step
+        restored = checkpointer.restore_params(step, target)
+        return ({**restored, "vision": fresh()["vision"]} if new_vision else restored), step
     except (ValueError, KeyError) as e:
         raise ConfigError(f"{directory}/checkpoints/{step}: parameters do not fit model config "
                           f"({str(e).splitlines()[0][:200]})") from None

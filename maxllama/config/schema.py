@@ -81,18 +81,37 @@ class ModelConfig(Section):
 
 
 class VisionConfig(Section):
-    """Sizes of the early-fusion vision encoder (counted in the parameter totals; the encoder itself is
-    built by the multimodal model)."""
+    """The early-fusion vision encoder: a ViT over each image tile, a pixel-shuffle adapter and a projector to
+    the decoder's width (docs/architecture.md, "Vision encoder")."""
 
     enabled: bool = Field(False, description="Model has a vision encoder and projector.")
     d_model: int = Field(1408, description="Vision transformer width.")
     n_layers: int = Field(34, description="Vision transformer layers.")
     n_heads: int = Field(16, description="Vision attention heads.")
-    d_ff: int = Field(5632, description="Vision MLP width.")
+    d_ff: int = Field(5632, description="Vision MLP width; also the pixel-shuffled width: d_model / pixel_shuffle_ratio^2.")
     image_size: int = Field(336, description="Tile side in pixels.")
     patch_size: int = Field(14, description="Patch side in pixels.")
     pixel_shuffle_ratio: float = Field(0.5, description="Spatial downsampling of the adapter's pixel shuffle.")
     projector_dim: int = Field(4096, description="Width of the adapter MLP (fc1, fc2).")
+    norm_eps: float = Field(1e-5, description="LayerNorm epsilon.")
+    max_tiles: int = Field(16, description="Most tiles an image is cut into (a global view is added when > 1).")
+    tiles_per_row: Optional[int] = Field(
+        None, description="Tile budget of one training row (static shapes); null: one image's most, max_tiles + 1.")
+    rope_theta: float = Field(10000.0, description="Base of the 2D rotary embedding's frequencies.")
+
+    @property
+    def grid(self) -> int:
+        """Patches per tile side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def row_tiles(self) -> int:
+        return self.tiles_per_row if self.tiles_per_row is not None else self.max_tiles + (self.max_tiles > 1)
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """<|patch|> tokens one tile becomes after the pixel shuffle."""
+        return round((self.grid * self.pixel_shuffle_ratio) ** 2)
 
 
 class TrainConfig(Section):
@@ -133,9 +152,12 @@ class CheckpointConfig(Section):
 class SourceConfig(Section):
     path: str = Field("stdlib", description="File, folder, glob, gs://... URL, token store, or 'stdlib' (this "
                                             "Python's standard library source).")
-    format: Literal["auto", "text", "jsonl", "parquet", "store"] = Field(
-        "auto", description="auto: by suffix (.jsonl, .parquet), a folder with manifest.json is a store, else text.")
+    format: Literal["auto", "text", "jsonl", "parquet", "store", "image_caption"] = Field(
+        "auto", description="auto: by suffix (.jsonl, .parquet), a folder with manifest.json is a store, else text; "
+                            "image_caption: JSONL of {image, text} pairs.")
     field: str = Field("text", description="JSONL field / Parquet column holding the text.")
+    image_field: str = Field("image", description="image_caption: the field with the image's path or URL "
+                                                  "(relative to the JSONL file's folder).")
     weight: float = Field(1.0, description="Share of this source in the mixture (normalised over sources).")
 
 
@@ -207,7 +229,13 @@ class MetaPBaseConfig(Section):
     batch_size: Optional[int] = Field(None, description="Proxy batch size in sequences (for kappa).")
     tokens: Optional[int] = Field(None, description="Proxy training tokens, steps x batch x seq_len (for beta).")
 
+    vision_d_model: Optional[int] = Field(None, description="Proxy vision encoder width.")
+    vision_d_ff: Optional[int] = Field(None, description="Proxy vision MLP width.")
+    vision_n_heads: Optional[int] = Field(None, description="Proxy vision attention heads.")
+    vision_projector_dim: Optional[int] = Field(None, description="Proxy vision adapter width.")
+
     WIDTH_KEYS: ClassVar[tuple[str, ...]] = ("d_model", "d_ff", "d_ff_expert", "n_heads", "n_kv_heads", "head_dim")
+    VISION_WIDTH_KEYS: ClassVar[tuple[str, ...]] = ("d_model", "d_ff", "n_heads", "projector_dim")  # vision_*
 
 
 class MetaPExponents(Section):
@@ -347,6 +375,8 @@ def validate_consistency(cfg: Config) -> list[tuple[str, str]]:
     check(m.floor_scale > 0, "model.floor_scale", f"must be positive, got {m.floor_scale}")
     check(m.norm_eps > 0, "model.norm_eps", f"must be positive, got {m.norm_eps}")
 
+    if cfg.vision.enabled:
+        errors += _vision_errors(cfg.vision)
     check(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
     check(o.warmup_steps <= t.steps, "optim.warmup_steps",
           f"warmup ({o.warmup_steps}) is longer than the run (train.steps = {t.steps})")
@@ -373,6 +403,29 @@ def validate_consistency(cfg: Config) -> list[tuple[str, str]]:
     errors += _metap_errors(cfg)
     check(sum(size == -1 for size in cfg.mesh.axes.values()) <= 1, "mesh",
           "at most one mesh axis may be -1 (it absorbs the remaining devices)")
+    return errors
+
+
+def _vision_errors(v: VisionConfig) -> list[tuple[str, str]]:
+    positive = [(f"vision.{key}", f"must be positive, got {getattr(v, key)}")
+                for key in ("d_model", "n_layers", "n_heads", "d_ff", "image_size", "patch_size", "projector_dim")
+                if getattr(v, key) <= 0]
+    if positive:
+        return positive
+    errors = []
+    if v.image_size % v.patch_size:
+        errors.append(("vision.image_size", f"{v.image_size} is not a multiple of vision.patch_size ({v.patch_size})"))
+    shuffled_side = v.grid * v.pixel_shuffle_ratio
+    if not 0 < v.pixel_shuffle_ratio <= 1 or shuffled_side != int(shuffled_side):
+        errors.append(("vision.pixel_shuffle_ratio", f"{v.pixel_shuffle_ratio} must shrink the {v.grid}x{v.grid} "
+                                                     f"patch grid to a whole grid (an even grid for 0.5)"))
+    if v.d_model % v.n_heads or (v.d_model // v.n_heads) % 4:
+        errors.append(("vision.n_heads", f"head_dim = d_model / n_heads = {v.d_model}/{v.n_heads} must be a whole "
+                                         f"multiple of 4 (the 2D rotary embedding turns quarters of it)"))
+    if v.d_ff * v.pixel_shuffle_ratio ** 2 != v.d_model:
+        errors.append(("vision.d_ff", f"{v.d_ff} must be d_model / pixel_shuffle_ratio^2 = "
+                                      f"{v.d_model / v.pixel_shuffle_ratio ** 2:g}: the adapter reads the pixel-shuffled "
+                                      f"features at that width"))
     return errors
 
 

@@ -82,10 +82,46 @@ def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     return bins
 
 
-class FirstFitRows:
+class EpochLayouts:
+    """Rows laid out per epoch (a function of the seed and the epoch), found by a global row index: epochs
+    differ in row count. A subclass gives `_layout(epoch)` -> (row offsets, items): row r of the epoch holds
+    items[offsets[r]:offsets[r + 1]]."""
+
+    def __init__(self) -> None:
+        self._layouts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._epoch_rows: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._epoch(0)[0]) - 1
+
+    def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Flat arrays, not lists of lists: an epoch has millions of items. Cached, the latest few epochs."""
+        if epoch not in self._layouts:
+            if len(self._layouts) >= 3:
+                self._layouts.pop(min(self._layouts))
+            self._layouts[epoch] = self._layout(epoch)
+        return self._layouts[epoch]
+
+    def locate(self, row: int) -> tuple[int, int]:
+        """(epoch, row within epoch) of a global row index."""
+        epoch, first = 0, 0
+        while True:
+            if epoch not in self._epoch_rows:
+                self._epoch_rows[epoch] = len(self._epoch(epoch)[0]) - 1
+            if row < first + self._epoch_rows[epoch]:
+                return epoch, row - first
+            first += self._epoch_rows[epoch]
+            epoch += 1
+
+
+class FirstFitRows(EpochLayouts):
     """Rows of whole document pieces, first-fit packed per block of a per-epoch shuffled piece order."""
 
     def __init__(self, tokens: TokenArrays, seq_len: int, pad_id: int, seed: int, block: int = 1024):
+        super().__init__()
         self.tokens, self.seq_len, self.pad_id, self.seed, self.block = tokens, seq_len, pad_id, seed, block
         row_len = seq_len + 1
         starts, lengths = tokens.doc_starts, tokens.doc_lengths()
@@ -95,20 +131,6 @@ class FirstFitRows:
         self.piece_start = starts[doc_of_piece] + offset * row_len
         self.piece_stop = np.minimum(self.piece_start + row_len, starts[doc_of_piece] + lengths[doc_of_piece])
         self.split_documents = int(np.sum(pieces > 1))
-        self._layouts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._epoch_rows: dict[int, int] = {}
-
-    def __len__(self) -> int:
-        return len(self._epoch(0)[0]) - 1
-
-    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(row offsets, piece ids): row r holds pieces[offsets[r]:offsets[r + 1]]. Flat arrays, not lists of
-        lists: an epoch has millions of pieces. Cached per instance, the latest few epochs."""
-        if epoch not in self._layouts:
-            if len(self._layouts) >= 3:
-                self._layouts.pop(min(self._layouts))
-            self._layouts[epoch] = self._layout(epoch)
-        return self._layouts[epoch]
 
     def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.piece_start))
@@ -124,17 +146,6 @@ class FirstFitRows:
     def row_pieces(self, epoch: int, row: int) -> np.ndarray:
         offsets, pieces = self._epoch(epoch)
         return pieces[offsets[row]:offsets[row + 1]]
-
-    def locate(self, row: int) -> tuple[int, int]:
-        """(epoch, row within epoch) of a global row index: epochs differ in row count."""
-        epoch, first = 0, 0
-        while True:
-            if epoch not in self._epoch_rows:
-                self._epoch_rows[epoch] = len(self._epoch(epoch)[0]) - 1
-            if row < first + self._epoch_rows[epoch]:
-                return epoch, row - first
-            first += self._epoch_rows[epoch]
-            epoch += 1
 
     def read(self, rows: Sequence[int]) -> Batch:
         layout = []

@@ -17,8 +17,9 @@ import grain
 import numpy as np
 
 from maxllama.config import ConfigError
-from maxllama.config.schema import Config, SourceConfig
-from maxllama.data.packing import Batch, ConcatWindows, FirstFitRows
+from maxllama.config.schema import Config, SourceConfig, VisionConfig
+from maxllama.data.image_captions import ImageDocuments, ImageRows, load_image_captions
+from maxllama.data.packing import Batch, ConcatWindows, EpochLayouts, FirstFitRows
 from maxllama.data.prepare import plan_units, tokenize_file
 from maxllama.data.sources import source_format
 from maxllama.data.store import SPLITS, TokenArrays, concatenate_documents, open_store
@@ -55,8 +56,12 @@ class Datasets:
         return sum(s.splits["validation"].n_docs for s in self.sources)
 
 
-def load_source(index: int, source: SourceConfig, tokenizer: Tokenizer, val_fraction: float) -> SourceData:
-    """A token store is opened (tokens stay on disk); raw sources are tokenized in memory."""
+def load_source(index: int, source: SourceConfig, tokenizer: Tokenizer, cfg: Config) -> SourceData:
+    """A token store is opened (tokens stay on disk); raw sources are tokenized in memory, images decoded."""
+    val_fraction = cfg.data.val_fraction
+    if source.format == "image_caption":
+        splits, skipped = load_image_captions(index, source, tokenizer, cfg.vision, val_fraction)
+        return SourceData(source.path, splits, source.weight, skipped)
     fmt = source_format(source.path, source.format)
     if fmt == "store":
         manifest, splits = open_store(source.path)
@@ -92,7 +97,7 @@ class _Rows:
 
 
 def _row_indices(packer, source_index: int, seed: int) -> grain.MapDataset:
-    if isinstance(packer, FirstFitRows):  # shuffles and repeats itself
+    if isinstance(packer, EpochLayouts):  # shuffles and repeats itself
         return grain.MapDataset.source(_Rows(source_index))
     return (grain.MapDataset.range(len(packer)).shuffle(seed=seed % 2**32).repeat()
             .map(lambda row, s=source_index: (s, row)))
@@ -118,10 +123,33 @@ class BatchReader:
         return out
 
 
-def make_packer(cfg: Config, tokens: TokenArrays, pad_id: int, seed: int):
-    if cfg.data.packing == "first_fit":
-        return FirstFitRows(tokens, cfg.train.seq_len, pad_id, seed)
-    return ConcatWindows(tokens, cfg.train.seq_len, pad_id)
+class BlankImages:
+    """A text packer's rows with an empty tile budget, when the model has a vision encoder: every batch has the
+    same arrays, whatever its sources."""
+
+    def __init__(self, packer, vision: VisionConfig):
+        self.packer = packer
+        self.shape = (vision.row_tiles, 3, vision.image_size, vision.image_size)
+
+    def __len__(self) -> int:
+        return len(self.packer)
+
+    def read(self, rows) -> Batch:
+        out = self.packer.read(rows)
+        return {**out, "pixels": np.zeros((len(rows), *self.shape), np.uint8),
+                "patch_mask": np.zeros(out["inputs"].shape, bool)}
+
+
+def make_packer(cfg: Config, tokens: TokenArrays | ImageDocuments, tokenizer: Tokenizer, seed: int, *,
+                validation: bool = False):
+    """How a source's documents become rows: by data.packing (validation: consecutive windows), images whole."""
+    if isinstance(tokens, ImageDocuments):
+        return ImageRows(tokens, cfg.train.seq_len, cfg.vision.row_tiles, cfg.vision, tokenizer, seed)
+    if cfg.data.packing == "first_fit" and not validation:
+        packer = FirstFitRows(tokens, cfg.train.seq_len, tokenizer.pad_id, seed)
+    else:
+        packer = ConcatWindows(tokens, cfg.train.seq_len, tokenizer.pad_id)
+    return BlankImages(packer, cfg.vision) if cfg.vision.enabled else packer
 
 
 def build_datasets(cfg: Config, *, process_index: int = 0, process_count: int = 1) -> Datasets:
@@ -131,10 +159,12 @@ def build_datasets(cfg: Config, *, process_index: int = 0, process_count: int = 
         raise ConfigError(f"train.batch_size: {b} is not divisible by the {process_count} hosts")
     per_host = b // process_count
     host_rows = slice(process_index * per_host, (process_index + 1) * per_host)
-    sources = [load_source(i, s, tokenizer, cfg.data.val_fraction) for i, s in enumerate(cfg.data.sources)]
+    sources = [load_source(i, s, tokenizer, cfg) for i, s in enumerate(cfg.data.sources)]
     packers = []
     for i, source in enumerate(sources):
-        packer = make_packer(cfg, source.splits["train"], tokenizer.pad_id, cfg.seed + 7919 * i)
+        packer = make_packer(cfg, source.splits["train"], tokenizer, cfg.seed + 7919 * i)
+        if getattr(packer, "too_long", 0):
+            source.skipped["too_long_image_document"] += packer.too_long
         if len(packer) == 0:
             raise ConfigError(f"data.sources[{i}].path: {source.name} has no training data "
                               f"(all documents skipped or held out)")
@@ -143,15 +173,15 @@ def build_datasets(cfg: Config, *, process_index: int = 0, process_count: int = 
     mixed = indices[0] if len(indices) == 1 else grain.MapDataset.mix(indices, [s.weight for s in sources])
     train = mixed.batch(b, drop_remainder=True).map(BatchReader(packers, host_rows))
 
-    validation = _validation_batches(cfg, sources, tokenizer.pad_id, host_rows)
+    validation = _validation_batches(cfg, sources, tokenizer, host_rows)
     skipped = sum((s.skipped for s in sources), Counter())
     split_docs = sum(getattr(p, "split_documents", 0) for p in packers)
     return Datasets(tokenizer, train, validation, sources, skipped, split_docs)
 
 
-def _validation_batches(cfg: Config, sources, pad_id: int, host_rows: slice) -> list[Batch]:
+def _validation_batches(cfg: Config, sources, tokenizer: Tokenizer, host_rows: slice) -> list[Batch]:
     b = cfg.train.batch_size
-    windows = [ConcatWindows(s.splits["validation"], cfg.train.seq_len, pad_id) for s in sources]
+    windows = [make_packer(cfg, s.splits["validation"], tokenizer, cfg.seed, validation=True) for s in sources]
     available = sum(len(w) for w in windows)
     n_rows = min(available // b, cfg.train.eval_batches) * b
     if n_rows == 0:
@@ -182,8 +212,17 @@ def iterate(dataset: grain.MapDataset, start: int, *, prefetch: int, workers: in
 def batch_statistics(batch: Batch) -> dict[str, float]:
     """Host-side numbers for the metrics: documents started and padding in this batch."""
     real = batch["segment_ids"] > 0
-    return {"documents": float(np.sum(real & (batch["positions"] == 0))),
-            "padding_fraction": float(1.0 - real.mean())}
+    stats = {"documents": float(np.sum(real & (batch["positions"] == 0))),
+             "padding_fraction": float(1.0 - real.mean())}
+    if "pixels" in batch:
+        mask = batch["patch_mask"]
+        rows = np.nonzero(mask)[0]
+        # A document of an image-caption source holds one image; a tile of the budget left empty is all 0.
+        images = len(np.unique(rows.astype(np.int64) * (batch["segment_ids"].max() + 1) + batch["segment_ids"][mask]))
+        tiles = batch["pixels"].reshape(*batch["pixels"].shape[:2], -1).any(axis=-1)
+        stats |= {"images": float(images), "image_tiles": float(tiles.sum()),
+                  "image_tokens_fraction": float(mask.mean())}
+    return stats
 
 
 def unigram_entropy(batches: list[Batch]) -> float:

@@ -81,6 +81,9 @@ def _process(args: tuple[WorkUnit, str, float]) -> tuple[int, int]:
 def plan_units(sources: Sequence[SourceConfig]) -> list[WorkUnit]:
     units = []
     for i, source in enumerate(sources):
+        if source.format == "image_caption":
+            raise ConfigError(f"data.sources[{i}].format: image_caption sources are read directly by training; "
+                              f"`prepare` stores text only")
         fmt = source_format(source.path, source.format)
         if fmt == "store":
             raise ConfigError(f"data.sources[{i}].path: {source.path} is already a token store; train on it with "

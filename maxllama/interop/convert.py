@@ -23,8 +23,9 @@ from maxllama.checkpoint.model_dir import load_model_dir
 from maxllama.config import ConfigError, dump_config
 from maxllama.config.loader import apply_overrides, build_config
 from maxllama.interop import InteropError
-from maxllama.interop.hf_config import hf_config_from_model, model_config_from_hf, text_config
+from maxllama.interop.hf_config import hf_config_from_model, model_config_from_hf, text_config, vision_config_from_hf
 from maxllama.interop.hf_weights import TOP_LEVEL, export_tensors, get_path, hf_names_consumed, layer_rules, layer_slot, read_hf_tensor
+from maxllama.interop.hf_vision import vision_from_hf
 from maxllama.interop.safetensors_io import SafetensorsReader, write_sharded
 from maxllama.model.build import define_model
 from maxllama.parallel.mesh import build_mesh
@@ -65,11 +66,11 @@ def _read_hf_config(hf_dir: Path) -> dict:
 
 
 def imported_config(hf: dict, out_dir: Path, overrides: Sequence[str] = ()):
-    model = model_config_from_hf(hf)
+    model, vision = model_config_from_hf(hf), vision_config_from_hf(hf)
     chunk = model["attn_chunk"]
     seq_len = DEFAULT_SEQ_LEN if not chunk or chunk >= DEFAULT_SEQ_LEN else chunk * math.ceil(DEFAULT_SEQ_LEN / chunk)
     data = {"model": model, "train": {"seq_len": seq_len},
-            "run": {"name": out_dir.name, "dir": str(out_dir)}}
+            "run": {"name": out_dir.name, "dir": str(out_dir)}, **({"vision": vision} if vision else {})}
     try:
         return build_config(apply_overrides(data, {}, overrides))
     except ConfigError as e:
@@ -127,10 +128,18 @@ def hf_import(hf_dir: str | Path, out_dir: str | Path, overrides: Sequence[str] 
             for path, value in zip(rule.params, _convert(rule, array, name)):
                 _assign(get_path(block, path), slot.index, value, name)
             consumed.update(hf_names_consumed(name, m))
-    unused = sorted(n for n in reader.names() - consumed if n.startswith(prefix))
+    if cfg.vision.enabled:
+        def read(name: str) -> np.ndarray:
+            consumed.add(name)
+            return reader.read(name)
+
+        vision = vision_from_hf(read, cfg.vision)
+        for (path, target), value in zip(jax.tree_util.tree_leaves_with_path(params["vision"]), jax.tree.leaves(vision)):
+            _assign(target, None, value, f"vision{jax.tree_util.keystr(path)}")
+    unused = sorted(n for n in reader.names() - consumed if n.startswith(prefix) or cfg.vision.enabled)
     if unused:
         raise InteropError(f"tensor '{unused[0]}' has no place in the model ({len(unused)} unmapped tensors)")
-    skipped = len([n for n in reader.names() if not n.startswith(prefix)])
+    skipped = len(reader.names() - consumed)
     if skipped:
         log(f"skipped {skipped} tensors outside the text model (vision encoder, projector)")
     with staged_directory(out_dir) as staging:
@@ -145,6 +154,9 @@ def hf_import(hf_dir: str | Path, out_dir: str | Path, overrides: Sequence[str] 
 def hf_export(model_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: int = 5 * 2**30, log=print) -> Path:
     """Write a maxllama model directory as config.json + safetensors for `transformers`."""
     loaded = load_model_dir(model_dir, devices=jax.devices()[:1])
+    if loaded.cfg.vision.enabled:  # refused rather than written without its vision encoder
+        raise InteropError(f"{model_dir}: exporting a model with a vision encoder (Llama4ForConditionalGeneration) "
+                           f"is not supported yet; hf-export writes text-only Llama4ForCausalLM checkpoints")
     hf_cfg = hf_config_from_model(loaded.cfg.model)
     out_dir = Path(out_dir)
     with staged_directory(out_dir) as staging:

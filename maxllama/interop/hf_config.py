@@ -139,6 +139,33 @@ def model_config_from_hf(hf_root: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def vision_config_from_hf(hf_root: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The `vision:` section of a multimodal checkpoint's `vision_config` (None for a text-only one)."""
+    if hf_root.get("model_type") not in MULTIMODAL_MODEL_TYPES or hf_root.get("vision_config") is None:
+        return None
+    hf = _get(hf_root, "vision_config", dict)
+    widths = {key: _get(hf, key, int, minimum=1) for key in ("projector_input_dim", "projector_output_dim", "vision_output_dim")}
+    if len(set(widths.values())) != 1:
+        raise InteropError(f"config.json: vision_config has projector_input_dim, projector_output_dim and "
+                           f"vision_output_dim {tuple(widths.values())}; maxllama's adapter needs them equal")
+    if _get(hf, "hidden_act", str, "gelu") != "gelu":
+        raise InteropError(f"config.json: vision_config.hidden_act {hf['hidden_act']!r:.40} (only 'gelu' is supported)")
+    rope = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+    return {
+        "enabled": True,
+        "d_model": _get(hf, "hidden_size", int, minimum=1),
+        "n_layers": _get(hf, "num_hidden_layers", int, minimum=1, maximum=MAX_LAYERS),
+        "n_heads": _get(hf, "num_attention_heads", int, minimum=1),
+        "d_ff": _get(hf, "intermediate_size", int, minimum=1),
+        "image_size": _get(hf, "image_size", int, minimum=1),
+        "patch_size": _get(hf, "patch_size", int, minimum=1),
+        "pixel_shuffle_ratio": float(_get(hf, "pixel_shuffle_ratio", float, 0.5)),
+        "projector_dim": widths["projector_output_dim"],
+        "norm_eps": float(_get(hf, "norm_eps", float, 1e-5)),
+        "rope_theta": float(_get(rope, "rope_theta", float, _get(hf, "rope_theta", float, 10000.0))),
+    }
+
+
 def hf_config_from_model(m: ModelConfig) -> dict[str, Any]:
     """config.json of `transformers.Llama4ForCausalLM` for this model section."""
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": m.rope_theta}

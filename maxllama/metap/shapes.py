@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from maxllama.config.schema import Config, MetaPBaseConfig, ModelConfig
+from maxllama.config.schema import Config, MetaPBaseConfig, ModelConfig, VisionConfig
 
 if TYPE_CHECKING:  # the rules build on the proxy model defined here
     from maxllama.metap.rules import Role
@@ -26,6 +26,18 @@ def proxy_model(cfg: Config) -> ModelConfig:
     base = cfg.metap.base
     update = {key: getattr(base, key) for key in MetaPBaseConfig.WIDTH_KEYS if getattr(base, key) is not None}
     return cfg.model.model_copy(update=update)
+
+
+def proxy_vision(cfg: Config) -> VisionConfig:
+    """This run's vision encoder with the proxy's vision widths."""
+    base = cfg.metap.base
+    update = {key: getattr(base, f"vision_{key}") for key in MetaPBaseConfig.VISION_WIDTH_KEYS
+              if getattr(base, f"vision_{key}") is not None}
+    return cfg.vision.model_copy(update=update)
+
+
+def double_width_vision(vision: VisionConfig) -> VisionConfig:
+    return vision.model_copy(update={key: 2 * getattr(vision, key) for key in MetaPBaseConfig.VISION_WIDTH_KEYS})
 
 
 def double_width_model(model: ModelConfig) -> ModelConfig:

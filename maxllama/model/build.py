@@ -11,9 +11,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from maxllama.base.tree import flat_paths, param_path
-from maxllama.config.schema import Config, ModelConfig
+from maxllama.config.schema import Config, ModelConfig, VisionConfig
 from maxllama.metap import Parametrization, param_rule, parametrization_for
-from maxllama.metap.shapes import double_width_model, proxy_model, roles_and_ratios
+from maxllama.metap.shapes import double_width_model, double_width_vision, proxy_model, proxy_vision, roles_and_ratios
 from maxllama.model.decoder import Decoder, in_residual_branch
 from maxllama.parallel.rules import LogicalSharding
 
@@ -28,9 +28,10 @@ class ModelDef(NamedTuple):
     parametrization: Parametrization  # the forward multipliers
 
 
-def _abstract(model_cfg: ModelConfig, parametrization: Parametrization, sharding: LogicalSharding, seed: int):
-    abstract = nnx.eval_shape(lambda: Decoder(model_cfg, parametrization=parametrization, sharding=sharding,
-                                              rngs=nnx.Rngs(seed)))
+def _abstract(model_cfg: ModelConfig, vision: VisionConfig, parametrization: Parametrization,
+              sharding: LogicalSharding, seed: int):
+    abstract = nnx.eval_shape(lambda: Decoder(model_cfg, vision=vision, parametrization=parametrization,
+                                              sharding=sharding, rngs=nnx.Rngs(seed)))
     return nnx.split(abstract)
 
 
@@ -40,9 +41,9 @@ def one_device_sharding() -> LogicalSharding:
 
 
 @functools.lru_cache(maxsize=64)
-def _shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def _shapes(model_cfg: ModelConfig, vision: VisionConfig) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of a model config (structure only: multipliers and mesh do not change them)."""
-    _, state = _abstract(model_cfg, Parametrization("shapes"), one_device_sharding(), 0)
+    _, state = _abstract(model_cfg, vision, Parametrization("shapes"), one_device_sharding(), 0)
     return {path: tuple(s.shape) for path, s in flat_paths(nnx.to_pure_dict(state)).items()}
 
 
@@ -55,7 +56,7 @@ def define_abstract(cfg: Config) -> ModelDef:
 def define_model(cfg: Config, sharding: LogicalSharding) -> ModelDef:
     """Shapes, metadata, MetaP rules and structure of the model without allocating a single parameter."""
     parametrization = parametrization_for(cfg)
-    graphdef, state = _abstract(cfg.model, parametrization, sharding, cfg.seed)
+    graphdef, state = _abstract(cfg.model, cfg.vision, parametrization, sharding, cfg.seed)
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     metadata = nnx.to_pure_dict(jax.tree.map(
         lambda v: {"logical_axes": v.get_metadata("logical_axes"), "fan_in_axes": v.get_metadata("fan_in_axes")},
@@ -63,7 +64,8 @@ def define_model(cfg: Config, sharding: LogicalSharding) -> ModelDef:
     abstract_params = nnx.to_pure_dict(state)
     flat_meta = flat_paths(metadata, is_leaf=IS_META)
     shapes = {path: tuple(s.shape) for path, s in flat_paths(abstract_params).items()}
-    roles = roles_and_ratios(flat_meta, shapes, _shapes(proxy_model(cfg)), _shapes(double_width_model(cfg.model)))
+    roles = roles_and_ratios(flat_meta, shapes, _shapes(proxy_model(cfg), proxy_vision(cfg)),
+                             _shapes(double_width_model(cfg.model), double_width_vision(cfg.vision)))
     for path, meta in flat_meta.items():
         meta["role"] = roles[path][0]
 
@@ -94,7 +96,7 @@ def initializer(cfg: Config, model: ModelDef, sharding: LogicalSharding) -> Call
     model draws unit normals (ones for gains) and each is scaled to its MetaP init std. One compile, any seed."""
 
     def init(seed):
-        unit = nnx.to_pure_dict(nnx.state(Decoder(cfg.model, parametrization=model.parametrization,
+        unit = nnx.to_pure_dict(nnx.state(Decoder(cfg.model, vision=cfg.vision, parametrization=model.parametrization,
                                                   sharding=sharding, rngs=nnx.Rngs(jax.random.key(seed)))))
         return jax.tree.map(lambda x, rule: x if rule.init_std is None else (x * rule.init_std).astype(x.dtype),
                             unit, model.rules)

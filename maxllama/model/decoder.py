@@ -14,13 +14,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maxllama.config.schema import ModelConfig
+from maxllama.config.schema import ModelConfig, VisionConfig
 from maxllama.metap import Parametrization
 from maxllama.model.attention import Attention, KVCache
 from maxllama.model.feedforward import SwiGLU
 from maxllama.model.moe import MoE, MoEStats
 from maxllama.model.norm import RMSNorm
 from maxllama.model.param import matrix
+from maxllama.model.stack import stacked
+from maxllama.model.vision import VisionEncoder
 from maxllama.parallel.rules import LogicalSharding
 
 REMAT_POLICIES = {
@@ -91,17 +93,14 @@ class LayerGroup(nnx.Module):
 
 def _stack_groups(cfg, kinds, n_groups, parametrization, sharding, rngs) -> LayerGroup:
     """n_groups identical-shaped groups with parameters stacked on a leading `layers` axis."""
+    return stacked(lambda rngs: LayerGroup(cfg, kinds, parametrization=parametrization, sharding=sharding, rngs=rngs),
+                   n_groups, rngs)
 
-    @nnx.split_rngs(splits=n_groups)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def create(rngs: nnx.Rngs) -> LayerGroup:
-        return LayerGroup(cfg, kinds, parametrization=parametrization, sharding=sharding, rngs=rngs)
 
-    groups = create(rngs)
-    for _, variable in nnx.iter_graph(groups):
-        if isinstance(variable, nnx.Param):
-            variable.set_metadata("logical_axes", ("layers",) + variable.get_metadata("logical_axes"))
-    return groups
+class Images(NamedTuple):
+    """The images of a batch: a static budget of tiles per row and where their features go."""
+    pixels: jax.Array  # [B, tiles, 3, image_size, image_size] normalised; a row's unused tiles are blank
+    patch_mask: jax.Array  # [B, T] bool: the <|patch|> positions, tokens_per_tile per used tile, in tile order
 
 
 class DecoderOutput(NamedTuple):
@@ -115,8 +114,8 @@ class Decoder(nnx.Module):
     # one of these sits inside a residual branch; the embedding, final norm and readout do not.
     LAYER_CONTAINERS = ("groups", "unscanned", "tail")
 
-    def __init__(self, cfg: ModelConfig, *, parametrization: Parametrization, sharding: LogicalSharding,
-                 rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, vision: VisionConfig | None = None, parametrization: Parametrization,
+                 sharding: LogicalSharding, rngs: nnx.Rngs):
         pdt = jnp.dtype(cfg.param_dtype)
         d, v = cfg.d_model, cfg.vocab_size
         self.cfg = cfg
@@ -134,12 +133,18 @@ class Decoder(nnx.Module):
                      if cfg.scan_layers and n_tail else None)
         self.final_norm = RMSNorm(d, cfg.norm_eps, pdt)
         self.lm_head = matrix(rngs, (d, v), ("embed", "vocab"), fan_in=("embed",), dtype=pdt)
+        self.vision = (VisionEncoder(vision, d, param_dtype=pdt, compute_dtype=cfg.compute_dtype, sharding=sharding,
+                                     rngs=rngs) if vision is not None and vision.enabled else None)
         self.embedding_multiplier = parametrization.embedding_multiplier
         self.output_multiplier = parametrization.output_multiplier
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, cache: dict | None = None) -> DecoderOutput:
+                 segment_ids: jax.Array | None = None, cache: dict | None = None,
+                 images: Images | None = None) -> DecoderOutput:
         """tokens, positions, segment_ids: [B, T] ints. Positions default to 0..T-1, one document per row.
+
+        With `images`, the embeddings at the patch positions are replaced by the vision encoder's features of
+        the row's tiles, in order: the k-th patch token of a row takes the k-th feature of its tiles.
 
         With a `cache` (from `init_cache`), tokens continue the cached sequences at `cache["index"]`: the
         prompt in one call, then one token per call; positions follow the cache.
@@ -153,6 +158,8 @@ class Decoder(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.zeros_like(tokens)
         x = self.embed.value.astype(dt)[tokens] * jnp.asarray(self.embedding_multiplier, dt)
+        if images is not None:
+            x = self._fuse(x, images)
         x = self.sharding.constrain(x, ("batch", "seq", "embed"))
         self.sow(nnx.Intermediate, "embedding", x)
         stats, new_cache = [], {}
@@ -179,6 +186,16 @@ class Decoder(nnx.Module):
         if cache is None:
             return DecoderOutput(logits, moe)
         return DecoderOutput(logits, moe, {**new_cache, "index": cache_index + tokens.shape[1]})
+
+    def _fuse(self, x: jax.Array, images: Images) -> jax.Array:
+        """Early fusion, with static shapes: the features of every tile in each row's budget are computed, and
+        each patch position gathers its row of them by the running count of patch positions before it."""
+        b, tiles = images.pixels.shape[:2]
+        features = self.vision(images.pixels.reshape(b * tiles, *images.pixels.shape[2:])).astype(x.dtype)
+        features = features.reshape(b, -1, features.shape[-1])  # [B, tiles * tokens_per_tile, D]
+        index = jnp.clip(jnp.cumsum(images.patch_mask, axis=1) - 1, 0, features.shape[1] - 1)
+        fused = jnp.take_along_axis(features, index[..., None], axis=1)
+        return jnp.where(images.patch_mask[..., None], fused, x)
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict:
         """An empty KV cache for `batch` sequences of up to `max_len` tokens, shaped like the layer groups."""

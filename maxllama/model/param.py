@@ -22,5 +22,10 @@ def gain(size: int, axis: str, dtype: jnp.dtype) -> nnx.Param:
     return nnx.Param(jnp.ones((size,), dtype), logical_axes=(axis,), fan_in_axes=())
 
 
+def bias(shape: Sequence[int], axes: Sequence[str], dtype: jnp.dtype) -> nnx.Param:
+    """An additive bias (or a LayerNorm shift): zeros, and no fan-in, so MetaP gives it the role of a gain."""
+    return nnx.Param(jnp.zeros(tuple(shape), dtype), logical_axes=tuple(axes), fan_in_axes=())
+
+
 def logical_axes(variable: nnx.Variable) -> tuple[str, ...]:
     return variable.get_metadata("logical_axes")

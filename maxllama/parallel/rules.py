@@ -30,6 +30,7 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "expert": ("expert",),
     "vocab": ("tensor",),
     "layers": (),
+    "patch": (),  # the pixels of one flattened image patch
 }
 LOGICAL_AXES = tuple(DEFAULT_RULES)  # what a dimension means: every name the model may use
 

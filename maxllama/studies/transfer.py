@@ -27,7 +27,7 @@ from maxllama.metap import table as metap_table
 from maxllama.model.build import define_abstract
 from maxllama.sweep.plotting import figure, finish
 from maxllama.sweep.results import collect, fit_optimum, mean_curve, values_by_key
-from maxllama.train.flops import train_flops_per_token
+from maxllama.train.flops import step_train_flops_per_token
 
 BATCH, STEPS, SEED = "train.batch_size", "train.steps", "seed"
 
@@ -229,7 +229,7 @@ def write(result: Transfer, out: Path, source: Path, target: Target | None = Non
 
 def run_flops(cfg: Config) -> float:
     tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
-    return train_flops_per_token(cfg.model, cfg.train.seq_len) * tokens
+    return step_train_flops_per_token(cfg) * tokens
 
 
 def sweep_flops(sweep_dir: str | Path, runs: Sequence[str] | None = None) -> float:

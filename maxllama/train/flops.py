@@ -12,7 +12,7 @@ and every expert on every token (dense dispatch). That is the number XLA's cost 
 
 from __future__ import annotations
 
-from maxllama.config.schema import ModelConfig
+from maxllama.config.schema import Config, ModelConfig, VisionConfig
 
 
 def mean_attended_keys(seq_len: int, chunk: int | None) -> float:
@@ -45,3 +45,24 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int, executed: bool = Fal
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, executed: bool = False) -> float:
     return 3 * forward_flops_per_token(cfg, seq_len, executed)
+
+
+def vision_forward_flops_per_tile(v: VisionConfig, text_d_model: int) -> float:
+    """The vision encoder on one tile: the patch embedding, every layer over the patches and the class token
+    (attention without a mask: each token attends to all), the adapter and the projector after the shuffle."""
+    d, f, n = v.d_model, v.d_ff, v.grid ** 2 + 1
+    patch_embedding = 2 * v.grid ** 2 * (3 * v.patch_size ** 2) * d
+    layer = n * (4 * 2 * d * d + 2 * 2 * d * f) + 2 * 2 * n * n * d
+    shuffled = v.tokens_per_tile
+    adapter = shuffled * (2 * (d / v.pixel_shuffle_ratio ** 2) * v.projector_dim + 2 * v.projector_dim ** 2)
+    return patch_embedding + v.n_layers * layer + adapter + shuffled * 2 * v.projector_dim * text_d_model
+
+
+def step_train_flops_per_token(cfg: Config) -> float:
+    """A train step's model FLOPs per text token: the decoder's, and with a vision encoder, the encoder's on every
+    tile of the step's budget (the encoder runs on each, used or left blank) shared over the step's tokens."""
+    text = train_flops_per_token(cfg.model, cfg.train.seq_len)
+    if not cfg.vision.enabled:
+        return text
+    tiles_per_token = cfg.vision.row_tiles / cfg.train.seq_len
+    return text + 3 * vision_forward_flops_per_tile(cfg.vision, cfg.model.d_model) * tiles_per_token

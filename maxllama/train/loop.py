@@ -25,7 +25,7 @@ from maxllama.model.param_count import count_params
 from maxllama.parallel.distributed import agree, is_primary, to_host
 from maxllama.parallel.mesh import build_mesh
 from maxllama.parallel.rules import LogicalSharding, make_rules
-from maxllama.train.flops import train_flops_per_token
+from maxllama.train.flops import step_train_flops_per_token
 from maxllama.train.metrics import MetricsLog, read_metrics
 from maxllama.train.optimizer import build_optimizer
 from maxllama.train.peak import peak_flops_per_device
@@ -106,7 +106,8 @@ def _train(cfg: Config, log, devices, primary: bool) -> TrainSummary:
         return resume_changes(meta.get("config"), meta.get("tokenizer"), cfg, tokenizer, run_dir, source)
 
     if not look_for_checkpoint and cfg.init_from:
-        params, init_step = restore_params_into(cfg.init_from, cfg, model, sharding)
+        params, init_step = restore_params_into(cfg.init_from, cfg, model, sharding, log=log,
+                                                fresh=lambda: init_params(cfg, model, sharding))
         log(f"initialised from {cfg.init_from} (step {init_step}); optimizer and data start fresh")
     else:
         params = init_params(cfg, model, sharding)
@@ -141,7 +142,7 @@ def _train(cfg: Config, log, devices, primary: bool) -> TrainSummary:
     train_step = train_step.lower(state, global_batch(data.validation[0], batch_sharding)).compile()
     compile_time = time.perf_counter() - t0
 
-    flops_per_token = train_flops_per_token(cfg.model, cfg.train.seq_len)
+    flops_per_token = step_train_flops_per_token(cfg)
     peak, peak_source = peak_flops_per_device(cfg.model.compute_dtype)
     entropy = unigram_entropy(data.validation)
     log(f"model: {counts.total / 1e6:.2f}M parameters, {counts.active / 1e6:.2f}M active per token; "

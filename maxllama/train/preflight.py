@@ -14,7 +14,7 @@ from maxllama.config.schema import Config
 from maxllama.model.build import define_model, param_shardings, sharded_abstract_params
 from maxllama.parallel.mesh import build_mesh
 from maxllama.parallel.rules import LogicalSharding, make_rules
-from maxllama.train.flops import train_flops_per_token
+from maxllama.train.flops import step_train_flops_per_token
 from maxllama.train.optimizer import build_optimizer
 from maxllama.train.schedules import make_schedule
 from maxllama.train.step import optimizer_state_shardings, train_step_fn
@@ -82,6 +82,11 @@ def preflight(cfg: Config, devices=None) -> Preflight:
     batch = {k: jax.ShapeDtypeStruct((b, t), np.int32, sharding=batch_sharding)
              for k in ("inputs", "targets", "positions", "segment_ids")}
     batch["loss_mask"] = jax.ShapeDtypeStruct((b, t), np.float32, sharding=batch_sharding)
+    if cfg.vision.enabled:  # the tile budget of every row, as the data pipeline fills it
+        v = cfg.vision
+        batch["pixels"] = jax.ShapeDtypeStruct((b, v.row_tiles, 3, v.image_size, v.image_size), np.uint8,
+                                               sharding=batch_sharding)
+        batch["patch_mask"] = jax.ShapeDtypeStruct((b, t), np.bool_, sharding=batch_sharding)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     compiled = jax.jit(train_step_fn(cfg, model, optimizer, schedule), out_shardings=(state_shardings, None),
                        donate_argnums=0).lower(state, batch).compile()
@@ -89,7 +94,7 @@ def preflight(cfg: Config, devices=None) -> Preflight:
     params_gb, optimizer_gb = _per_device_gb(params), _per_device_gb(opt_state)
     temporaries_gb = getattr(memory, "temp_size_in_bytes", 0) / 1e9
     total_gb = params_gb + optimizer_gb + temporaries_gb + _per_device_gb(batch)
-    flops = train_flops_per_token(cfg.model, t) * b * t
+    flops = step_train_flops_per_token(cfg) * b * t
     result = Preflight(mesh.size, dict(mesh.shape), params_gb, optimizer_gb, temporaries_gb, total_gb, flops,
                        flops / mesh.size, replicated_parameters(params, shardings))
     if cfg.mesh.device_memory_gb and total_gb > cfg.mesh.device_memory_gb:

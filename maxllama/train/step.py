@@ -11,16 +11,25 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from maxllama.base.state import TrainState
 from maxllama.config.schema import Config
+from maxllama.data.images import normalize_pixels
 from maxllama.model.build import ModelDef, bind
+from maxllama.model.decoder import DecoderOutput, Images
 from maxllama.train.loss import next_token_nll, training_loss
 from maxllama.train.optimizer import rule_field, weighted_global_norm
+
+
+def forward(model: ModelDef, params: dict, batch: dict) -> DecoderOutput:
+    """The model on a batch: tokens, their documents and positions, and the images when the batch has any."""
+    images = None
+    if "pixels" in batch:
+        images = Images(normalize_pixels(batch["pixels"].astype(jnp.float32)), batch["patch_mask"])
+    return bind(model, params)(batch["inputs"], batch["positions"], batch["segment_ids"], images=images)
 
 
 def train_step_fn(cfg: Config, model: ModelDef, optimizer: optax.GradientTransformation,
                   schedule: optax.Schedule) -> Callable:
     def loss_fn(params, batch):
-        out = bind(model, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
-        return training_loss(out, batch, cfg.train)
+        return training_loss(forward(model, params, batch), batch, cfg.train)
 
     weights = rule_field(model.rules, "clip_weight")
 
@@ -43,8 +52,7 @@ def train_step_fn(cfg: Config, model: ModelDef, optimizer: optax.GradientTransfo
 
 def eval_step_fn(model: ModelDef) -> Callable:
     def eval_step(params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
-        out = bind(model, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
-        return next_token_nll(out.logits, batch["targets"], batch["loss_mask"])
+        return next_token_nll(forward(model, params, batch).logits, batch["targets"], batch["loss_mask"])
 
     return eval_step
 
