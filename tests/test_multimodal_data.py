@@ -130,6 +130,7 @@ def test_a_run_with_images_resumes_bitwise(captions, tmp_path):
     assert all(r["image_tiles"] > 0 for r in straight)
 
 
+@pytest.mark.slow
 def test_a_text_checkpoint_starts_a_multimodal_run(tmp_path):
     import jax
 
