@@ -21,7 +21,7 @@ from maxllama.config import ConfigError
 from maxllama.config.schema import SourceConfig, VisionConfig
 from maxllama.data.images import IMAGE_TOKENS, BadImage, decode_image, image_tokens, tile_image
 from maxllama.data.packing import Batch, EpochLayouts
-from maxllama.data.sources import held_out, resolve_files
+from maxllama.data.sources import held_out, read_bytes, resolve_files
 from maxllama.data.store import SPLITS
 from maxllama.data.tokenizer import Tokenizer
 
@@ -48,12 +48,6 @@ def image_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
     return {name: tokenizer.special[f"<|{name}|>"] for name in IMAGE_TOKENS}
 
 
-def _read(path: str) -> bytes:
-    import fsspec
-    with fsspec.open(path, "rb") as f:
-        return f.read()
-
-
 def load_image_captions(index: int, source: SourceConfig, tokenizer: Tokenizer, vision: VisionConfig,
                         val_fraction: float) -> tuple[dict[str, ImageDocuments], Counter]:
     if not vision.enabled:
@@ -63,7 +57,7 @@ def load_image_captions(index: int, source: SourceConfig, tokenizer: Tokenizer, 
     splits = {split: ImageDocuments([], []) for split in SPLITS}
     for path in resolve_files(source, f"data.sources[{index}].path"):
         folder = os.path.dirname(path)
-        for line_number, line in enumerate(_read(path).splitlines(), start=1):
+        for line_number, line in enumerate(read_bytes(path).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -81,7 +75,7 @@ def load_image_captions(index: int, source: SourceConfig, tokenizer: Tokenizer, 
             image = str(record[source.image_field])
             location = image if "://" in image or os.path.isabs(image) else os.path.join(folder, image)
             try:
-                tiles = tile_image(decode_image(_read(location)), vision.image_size, vision.max_tiles)
+                tiles = tile_image(decode_image(read_bytes(location)), vision.image_size, vision.max_tiles)
             except FileNotFoundError:
                 if "://" not in location and not os.path.isdir(os.path.dirname(location)):
                     raise ConfigError(f"data.sources[{index}].path: {path}:{line_number}: the image folder "

@@ -91,7 +91,7 @@ def document_root(files: list[str]) -> str:
     return "/".join(common) + "/"
 
 
-def _read_bytes(path: str) -> bytes:
+def read_bytes(path: str) -> bytes:
     if is_remote(path):
         import fsspec
         with fsspec.open(path, "rb") as f:
@@ -132,7 +132,7 @@ def iter_documents(path: str, fmt: str, field: str, skipped: Counter, id_prefix:
         yield from _parquet_documents(path, field, skipped, doc_id)
         return
     try:
-        data = _read_bytes(path)
+        data = read_bytes(path)
     except OSError:
         skipped["unreadable_file"] += 1
         return
