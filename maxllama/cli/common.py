@@ -28,6 +28,15 @@ def load(args: Sequence[str], default: str | None = None):
     return path, cfg, origins
 
 
+def load_distributed(args: Sequence[str]):
+    """The config of `[CONFIG] [KEY=VALUE ...]` (default experiments/tiny.yaml), with jax.distributed started
+    as it says: what the commands that compile the step need first."""
+    _, cfg, _ = load(args, DEFAULT_CONFIG)
+    from maxllama.parallel.distributed import initialize
+    initialize(cfg.distributed)
+    return cfg
+
+
 def int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from maxllama.cli.common import DEFAULT_CONFIG, EXIT_USER_ERROR, load
+from maxllama.cli.common import EXIT_USER_ERROR, load_distributed
 
 
 def register(commands) -> None:
@@ -19,9 +19,7 @@ def register(commands) -> None:
 
 
 def cmd_preflight(ns: argparse.Namespace) -> int:
-    _, cfg, _ = load(ns.args, DEFAULT_CONFIG)
-    from maxllama.parallel.distributed import initialize
-    initialize(cfg.distributed)
+    cfg = load_distributed(ns.args)
     from maxllama.train.preflight import DoesNotFit, preflight
     try:
         result = preflight(cfg)

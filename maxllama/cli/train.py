@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from maxllama.cli.common import DEFAULT_CONFIG, load
+from maxllama.cli.common import load_distributed
 
 
 def register(commands) -> None:
@@ -17,9 +17,8 @@ def register(commands) -> None:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    _, cfg, _ = load(ns.args, DEFAULT_CONFIG)
-    from maxllama.parallel.distributed import initialize, is_primary
-    initialize(cfg.distributed)
+    cfg = load_distributed(ns.args)
+    from maxllama.parallel.distributed import is_primary
     from maxllama.train.loop import train
     summary = train(cfg)
     if not is_primary():

@@ -76,6 +76,7 @@ def predict(model_dir: str | Path, images: np.ndarray | None, batch: int = 100) 
     tokenizer = make_tokenizer(cfg.data.tokenizer)
     prompt = list(tokenizer.encode(PROMPT))
     n = 1 if images is None else len(images)
+    last_logits = jax.jit(lambda params, step: forward(loaded.model, params, step).logits[:, -1])  # one trace per shape
     out = []
     for start in range(0, n, batch):
         if images is None:
@@ -93,8 +94,7 @@ def predict(model_dir: str | Path, images: np.ndarray | None, batch: int = 100) 
             step = {"inputs": tokens, "pixels": pixels, "patch_mask": tokens == tokenizer.special["<|patch|>"]}
         step |= {"positions": np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape),
                  "segment_ids": np.ones_like(tokens)}
-        logits = jax.jit(lambda p, b: forward(loaded.model, p, b).logits[:, -1])(
-            loaded.params, {k: jnp.asarray(v) for k, v in step.items()})
+        logits = last_logits(loaded.params, {k: jnp.asarray(v) for k, v in step.items()})
         out.append(np.asarray(jnp.argmax(logits, axis=-1)))
     digits = {int(tokenizer.encode(str(d))[0]): d for d in range(10)}
     return np.asarray([digits.get(int(t), -1) for t in np.concatenate(out)])
