@@ -65,13 +65,20 @@ def restore_params_into(path: str | Path, cfg: Config, model: ModelDef, sharding
         checkpointer.close()
 
 
-def load_model_dir(path: str | Path, overrides: list[str] | None = None, devices=None) -> LoadedModel:
+def load_model_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """The config of a model directory (or one of its step folders), for one host's devices; no parameters are
+    read: what checking the inputs of a command against the model needs, before a large checkpoint loads."""
     directory, _ = locate_checkpoint(path)
     config_path = directory / "config.yaml"
     if not config_path.exists():
         raise ConfigError(f"{directory}: config.yaml missing; a model directory needs the config it was saved with")
     cfg, _ = load_config(config_path, ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1", "mesh.expert=1",
                                        *(overrides or [])])
+    return cfg
+
+
+def load_model_dir(path: str | Path, overrides: list[str] | None = None, devices=None) -> LoadedModel:
+    cfg = load_model_config(path, overrides)
     mesh = build_mesh(cfg.mesh, devices)
     sharding = LogicalSharding(mesh, make_rules(cfg.mesh.rules))
     model = define_model(cfg, sharding)

