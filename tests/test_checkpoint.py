@@ -115,6 +115,39 @@ def test_kill_9_loses_only_steps_since_the_last_checkpoint(uninterrupted, tmp_pa
     assert_same_run(tmp_path, uninterrupted)
 
 
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    """Args of a run whose rows hold image-caption documents, and that run trained without interruption."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    with open(root / "captions.jsonl", "w") as captions:
+        for i in range(24):
+            Image.fromarray(rng.integers(0, 256, (14, 14 * (1 + i % 2), 3), dtype=np.uint8)).save(root / f"{i}.png")
+            captions.write(json.dumps({"image": f"{i}.png", "text": f"picture {i}"}) + "\n")
+    args = ["vision.enabled=true", "vision.d_model=16", "vision.n_heads=2", "vision.d_ff=64", "vision.n_layers=1",
+            "vision.image_size=14", "vision.patch_size=7", "vision.projector_dim=16", "vision.max_tiles=2",
+            "vision.tiles_per_row=3", "train.seq_len=64", "model.attn_chunk=64", "data.val_fraction=0.2",
+            f"data.sources=[{{path: {root / 'captions.jsonl'}, format: image_caption}}]"]
+    finish(root / "uninterrupted", *args)
+    return args, root / "uninterrupted"
+
+
+@pytest.mark.slow  # over 20 s on 2 cores: `make test-slow` (CI runs it)
+def test_kill_9_with_images_resumes_bitwise(image_run, tmp_path):
+    args, reference = image_run
+    process = start(tmp_path, *args)
+    wait_for_step(tmp_path, random.Random(os.getpid()).randint(8, 24), process)
+    while not (tmp_path / "checkpoints" / "5").exists():
+        assert process.poll() is None
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    assert f"resumed from {tmp_path / 'checkpoints'}/" in finish(tmp_path, *args)
+    assert_same_run(tmp_path, reference)
+    assert all(row["image_tiles"] > 0 for row in read_metrics(reference))  # the rows really held images
+
+
 def copy_run(run_dir, tmp_path):
     target = tmp_path / "run"
     shutil.copytree(run_dir, target)
