@@ -179,3 +179,12 @@ def test_import_refuses_to_overwrite(spec_checkpoint, tmp_path):
     with pytest.raises(InteropError, match="not empty"):
         hf_import(root / "hf", tmp_path / "out", log=lambda *_: None)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_export_refuses_forward_multipliers_transformers_has_no_place_for():
+    from maxllama.config import load_config
+    from maxllama.interop.convert import hf_checkpoint
+    wide = ["model.d_model=128", "model.d_ff=512", "model.n_heads=8", "model.n_kv_heads=8", "model.d_ff_expert=256"]
+    cfg, _ = load_config("experiments/metap/proxy.yaml", wide)  # MetaP at 4x the proxy's width
+    with pytest.raises(InteropError, match=r"^metap.parametrization: .*output_multiplier"):
+        hf_checkpoint(cfg, {})

@@ -14,7 +14,7 @@ from maxllama.checkpoint.manager import Checkpointer
 from maxllama.cli import main
 from maxllama.config import dump_config
 from maxllama.config.schema import SourceConfig, VisionConfig
-from maxllama.data.image_captions import load_image_captions
+from maxllama.data.image_captions import load_image_source
 from maxllama.data.tokenizer import make_tokenizer
 from maxllama.inference.prompts import encode_prompt, stack_prompts
 from maxllama.inference.sampling import generate_by_recomputation, make_generate
@@ -63,10 +63,10 @@ def prompt_of(vm, text, image):
 def test_a_prompt_is_a_training_document_before_its_eos(vm):
     (vm.root / "pairs.jsonl").write_text(json.dumps({"image": "img/wide.png", "text": "a cat"}) + "\n")
     source = SourceConfig(path=str(vm.root / "pairs.jsonl"), format="image_caption")
-    docs = load_image_captions(0, source, vm.tokenizer, vm.cfg.vision, 0.0)[0]["train"]
+    tokens, tiles = load_image_source(0, source, vm.tokenizer, vm.cfg.vision, 0.0)[0]["train"].document(0)
     prompt = prompt_of(vm, "a cat", vm.images["wide"])
-    np.testing.assert_array_equal(prompt.tokens[0], docs.tokens[0][:-1])
-    np.testing.assert_array_equal(prompt.pixels[0], docs.tiles[0])
+    np.testing.assert_array_equal(prompt.tokens[0], tokens[:-1])
+    np.testing.assert_array_equal(prompt.pixels[0], tiles)
     assert prompt.patch_mask.sum() == 3 * vm.cfg.vision.tokens_per_tile  # two tiles and the global view
     np.testing.assert_array_equal(prompt.patch_mask, prompt.tokens == vm.tokenizer.special["<|patch|>"])
 

@@ -257,6 +257,28 @@ def test_coordinate_check_is_flat_under_metap_and_grows_under_sp():
     assert slopes["standard"].min() > 0.5, slopes["standard"]  # SP: activations grow with width
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: `make test-slow` (CI runs it)
+def test_vision_coordinate_check_is_flat_under_metap_and_grows_under_sp(tmp_path):
+    from PIL import Image
+
+    from maxllama.studies.coord_check import coord_check
+    rng = np.random.default_rng(0)
+    with open(tmp_path / "captions.jsonl", "w") as captions:
+        for i in range(64):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+            captions.write(json.dumps({"image": f"{i}.png", "text": f"digit: {i % 10}"}) + "\n")
+    cfg, _ = load_config("experiments/multimodal/small_digits.yaml", [
+        f"data.sources=[{{path: {tmp_path / 'captions.jsonl'}, format: image_caption}}]", "train.batch_size=4",
+        "metap.sigma_readout=0.005", "metap.lr_readout=1"])
+    slopes = {}
+    for param in ("metap", "standard"):
+        check = coord_check(cfg, "vision_width", [32, 64, 128], param, seeds=(0,), steps=3, lr=4e-3)
+        assert {"vision_patches", "vision_layers_out", "vision_adapter_out", "vision_features"} <= set(check.slopes)
+        slopes[param] = {m: np.array(s[2:]) for m, s in check.slopes.items()}
+    assert max(np.abs(s).max() for s in slopes["metap"].values()) < 0.25, slopes["metap"]  # the full check: 0.1
+    assert slopes["standard"]["vision_features"].min() > 0.5, slopes["standard"]  # SP: they grow with width
+
+
 def test_slope_errors_are_the_spread_of_each_seeds_own_fit():
     from maxllama.studies.coord_check import CoordCheck, slope_errors
     widths = [32, 64, 128]

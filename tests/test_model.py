@@ -169,3 +169,9 @@ def test_packed_documents_equal_documents_run_one_by_one(small):
     together = decoder(packed, positions, segments).logits
     alone = jnp.concatenate([decoder(doc).logits for doc in docs], axis=1)
     np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_images_from_uint8_scale_to_the_encoders_range():
+    from maxllama.model.decoder import Images
+    images = Images.from_uint8(np.array([0, 51, 255], np.uint8), np.array([True]))
+    np.testing.assert_allclose(images.pixels, [-1.0, 51 / 127.5 - 1, 1.0], rtol=1e-6)  # (x / 255 - 0.5) / 0.5

@@ -105,8 +105,9 @@ def test_batch_statistics_count_images_and_tiles(captions):
     cfg = config(captions)
     data = build_datasets(cfg)
     batch = data.train[0]
-    stats = batch_statistics(batch)
-    starts = int(np.sum(batch["inputs"] == data.tokenizer.special["<|image_start|>"]))
+    image_start = data.tokenizer.special["<|image_start|>"]
+    stats = batch_statistics(batch, image_start)
+    starts = int(np.sum(batch["inputs"] == image_start))
     assert stats["images"] == starts > 0
     assert stats["image_tiles"] == batch["patch_mask"].sum() / cfg.vision.tokens_per_tile
     assert stats["image_tokens_fraction"] == pytest.approx(batch["patch_mask"].mean())

@@ -16,6 +16,7 @@ from maxllama.model.vision import VisionEncoder, pixel_shuffle, unfold_patches
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from transformers.models.llama4 import modeling_llama4 as hf  # noqa: E402
+from tests.hf_reference import hf_multimodal_logits  # noqa: E402
 
 TINY = {  # ours, theirs: two tiles' sides, two head widths
     "grid4": VisionConfig(enabled=True, d_model=32, n_layers=2, n_heads=2, d_ff=128, image_size=32, patch_size=8,
@@ -74,7 +75,8 @@ def test_vision_features_match_hugging_face(name):
     pixels = np.random.default_rng(0).normal(size=(3, 3, v.image_size, v.image_size)).astype(np.float32)
     with torch.no_grad():
         theirs = projector(vision(torch.from_numpy(pixels)).last_hidden_state).numpy()
-    mine = np.asarray(jax.jit(lambda x: encoder(x))(pixels))
+    graphdef, state = nnx.split(encoder)  # merged inside the trace: what the encoder sows stays there
+    mine = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, pixels))
     assert mine.shape == theirs.shape == (3, v.tokens_per_tile, TEXT_D_MODEL)
     assert np.abs(mine - theirs).max() <= 1e-4 * max(1.0, np.abs(theirs).max())
     # The names map both ways: exporting gives back every tensor HF has (the rotary buffer is not a parameter).
@@ -129,17 +131,6 @@ def hf_multimodal(v: VisionConfig, directory):
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
     model.save_pretrained(directory)
     return model
-
-
-def hf_multimodal_logits(model, tokens, pixels):
-    """What Llama4ForConditionalGeneration.forward computes, step by step: its forward raises in some releases."""
-    with torch.no_grad():
-        ids = torch.tensor(tokens)
-        embeds = model.get_input_embeddings()(ids)
-        features = model.vision_model(torch.from_numpy(pixels)).last_hidden_state
-        projected = model.multi_modal_projector(features.reshape(-1, features.shape[-1]))
-        embeds = embeds.masked_scatter((ids == PATCH_ID)[..., None], projected)
-        return model.language_model(inputs_embeds=embeds).logits.numpy()
 
 
 def image_tokens(v: VisionConfig, tiles_per_row: list[int], length: int) -> np.ndarray:

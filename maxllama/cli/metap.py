@@ -24,14 +24,17 @@ def register(commands) -> None:
     mshow.set_defaults(func=cmd_metap_show)
 
     coord = metap_commands.add_parser(
-        "coord-check", help="mean |activation| per module vs width or depth after a few high-LR steps",
-        description="Train each width (or depth) a few steps at a high LR on one fixed batch, for 2+ seeds; write a "
+        "coord-check", help="mean |activation| per module vs width, depth or vision width after a few high-LR steps",
+        description="Train each width (or depth, or vision encoder width) a few steps at a high LR on one fixed "
+                    "batch, for 2+ seeds; write a "
                     "PNG (one panel per step, log-log) and a JSON of the slopes per doubling; print a pass/fail "
                     "table, each slope with its standard error over seeds. Exit code 1 when MetaP fails.")
     coord.add_argument("file", metavar="CONFIG")
     coord.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     coord.add_argument("--widths", type=int_list, help="residual widths, e.g. 32,64,128,256,512")
     coord.add_argument("--depths", type=int_list, help="layer counts, e.g. 2,4,8,16,32")
+    coord.add_argument("--vision-widths", type=int_list,
+                       help="vision encoder widths, e.g. 32,64,128 (the config's data must have images)")
     coord.add_argument("--param", type=lambda s: s.split(","), default=["metap", "standard"],
                        help="parametrizations to check: metap, standard or both (default: metap,standard)")
     coord.add_argument("--seeds", type=int_list, default=[0, 1], help="seeds averaged (default 0,1)")
@@ -99,12 +102,15 @@ def cmd_metap_show(ns: argparse.Namespace) -> int:
 
 def cmd_metap_coord_check(ns: argparse.Namespace) -> int:
     _, cfg, _ = load([ns.file, *ns.overrides])
-    if bool(ns.widths) == bool(ns.depths):
-        raise UserError("give --widths W1,W2,... or --depths L1,L2,... (one ladder per command)")
+    ladders = {axis: values for axis, values in
+               (("width", ns.widths), ("depth", ns.depths), ("vision_width", ns.vision_widths)) if values}
+    if len(ladders) != 1:
+        raise UserError("give one of --widths W1,W2,..., --depths L1,L2,... or --vision-widths W1,W2,... "
+                        "(one ladder per command)")
     from tqdm import tqdm
 
     from maxllama.studies import coord_check as cc
-    axis, values = ("width", ns.widths) if ns.widths else ("depth", ns.depths)
+    [(axis, values)] = ladders.items()
     out_dir = Path(ns.out or Path(cfg.run_dir) / "coord_check")
     rungs = len(values) * len(ns.seeds)
     passed = {}

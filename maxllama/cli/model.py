@@ -9,14 +9,16 @@ from maxllama.base.errors import UserError
 
 def register(commands) -> None:
     convert = commands.add_parser("convert", help="import/export Hugging Face Llama 4 checkpoints",
-                                  description="Convert between Hugging Face Llama 4 checkpoints and maxllama model "
-                                              "directories (config.yaml + Orbax checkpoints/).")
+                                  description="Convert between Hugging Face Llama 4 checkpoints, text-only "
+                                              "(Llama4ForCausalLM) or multimodal (Llama4ForConditionalGeneration), "
+                                              "and maxllama model directories (config.yaml + Orbax checkpoints/).")
     convert_commands = convert.add_subparsers(dest="convert_command", required=True, metavar="SUBCOMMAND")
     hf_import = convert_commands.add_parser(
         "hf-import", help="HF config.json + safetensors -> maxllama model directory",
-        description="Read an HF Llama 4 text checkpoint (config.json + safetensors, sharded or not, fused or "
-                    "per-expert expert tensors) tensor by tensor and write a maxllama model directory that "
-                    "`maxllama train` starts from (init_from: OUT_DIR) and `sample`/`score` read.")
+        description="Read an HF Llama 4 checkpoint, text-only (llama4_text) or multimodal (llama4, vision "
+                    "encoder and projector included; config.json + safetensors, sharded or not, fused or per-expert "
+                    "expert tensors) tensor by tensor and write a maxllama model directory that `maxllama train` "
+                    "starts from (init_from: OUT_DIR) and `sample`/`score` read.")
     hf_import.add_argument("hf_dir", metavar="HF_DIR")
     hf_import.add_argument("out_dir", metavar="OUT_DIR")
     hf_import.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for the written config")
@@ -24,7 +26,10 @@ def register(commands) -> None:
     hf_export = convert_commands.add_parser(
         "hf-export", help="maxllama model directory -> HF config.json + safetensors",
         description="Write the newest checkpoint of a model directory (or a checkpoints/STEP folder) as a "
-                    "checkpoint that transformers.Llama4ForCausalLM.from_pretrained loads.")
+                    "checkpoint that transformers loads: Llama4ForCausalLM.from_pretrained for a text model, "
+                    "Llama4ForConditionalGeneration.from_pretrained for one with vision.enabled (its image token "
+                    "ids are those of the model's data.tokenizer). What transformers cannot represent is refused, "
+                    "naming the key, and nothing is written.")
     hf_export.add_argument("model_dir", metavar="CKPT_DIR")
     hf_export.add_argument("out_dir", metavar="OUT_DIR")
     hf_export.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard (default 5)")
@@ -76,9 +81,12 @@ def cmd_convert_import(ns: argparse.Namespace) -> int:
 
 
 def cmd_convert_export(ns: argparse.Namespace) -> int:
+    import json
+
     from maxllama.interop.convert import hf_export
-    hf_export(ns.model_dir, ns.out_dir, max_shard_bytes=int(ns.max_shard_gb * 2**30))
-    print(f"next: transformers.Llama4ForCausalLM.from_pretrained('{ns.out_dir}')")
+    out_dir = hf_export(ns.model_dir, ns.out_dir, max_shard_bytes=int(ns.max_shard_gb * 2**30))
+    architecture = json.loads((out_dir / "config.json").read_text())["architectures"][0]  # what from_pretrained builds
+    print(f"next: transformers.{architecture}.from_pretrained('{ns.out_dir}')")
     return 0
 
 

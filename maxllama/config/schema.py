@@ -152,12 +152,16 @@ class CheckpointConfig(Section):
 class SourceConfig(Section):
     path: str = Field("stdlib", description="File, folder, glob, gs://... URL, token store, or 'stdlib' (this "
                                             "Python's standard library source).")
-    format: Literal["auto", "text", "jsonl", "parquet", "store", "image_caption"] = Field(
+    format: Literal["auto", "text", "jsonl", "parquet", "store", "image_caption", "interleaved"] = Field(
         "auto", description="auto: by suffix (.jsonl, .parquet), a folder with manifest.json is a store, else text; "
-                            "image_caption: JSONL of {image, text} pairs.")
-    field: str = Field("text", description="JSONL field / Parquet column holding the text.")
+                            "image_caption: JSONL of {image, text} pairs; interleaved: JSONL documents whose "
+                            "content is a list of {type: text, text} and {type: image, image} parts.")
+    field: str = Field("text", description="JSONL field / Parquet column holding the text (interleaved: the key "
+                                           "of a text part's text).")
     image_field: str = Field("image", description="image_caption: the field with the image's path or URL "
-                                                  "(relative to the JSONL file's folder).")
+                                                  "(relative to the JSONL file's folder); interleaved: the key of "
+                                                  "an image part's path or URL.")
+    content_field: str = Field("content", description="interleaved: the field with the list of parts.")
     weight: float = Field(1.0, description="Share of this source in the mixture (normalised over sources).")
 
 

@@ -20,6 +20,8 @@ import numpy as np
 
 MAX_PIXELS = 64_000_000  # larger images are refused (decompression bombs), not decoded
 IMAGE_TOKENS = ("image_start", "image_end", "tile_x_separator", "tile_y_separator", "image", "patch")
+# Why an image is skipped: BadImage's reasons, and a file that is missing or cannot be read.
+IMAGE_SKIP_REASONS = ("corrupt_image", "empty_image", "too_large_image", "missing_image", "unreadable_image")
 
 
 class BadImage(ValueError):
@@ -129,7 +131,3 @@ def image_tokens(canvas: tuple[int, int], tokens_per_tile: int, ids: dict[str, i
             out.append(ids["tile_y_separator"])
     return out + [ids["image"]] + run + [ids["image_end"]]
 
-
-def normalize_pixels(pixels):
-    """uint8 -> [-1, 1] (mean 0.5, std 0.5 per channel): what the encoder was trained on. numpy or jax."""
-    return (pixels / 255.0 - 0.5) / 0.5

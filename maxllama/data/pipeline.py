@@ -18,18 +18,20 @@ import numpy as np
 
 from maxllama.config import ConfigError
 from maxllama.config.schema import Config, SourceConfig, VisionConfig
-from maxllama.data.image_captions import ImageDocuments, ImageRows, load_image_captions
+from maxllama.data.image_captions import load_image_source, require_vision
+from maxllama.data.image_rows import ImageRows
+from maxllama.data.image_store import ImageDocuments, open_image_documents
 from maxllama.data.packing import Batch, ConcatWindows, EpochLayouts, FirstFitRows
-from maxllama.data.prepare import plan_units, tokenize_file
-from maxllama.data.sources import source_format
-from maxllama.data.store import SPLITS, TokenArrays, concatenate_documents, open_store
+from maxllama.data.prepare import tokenize_file
+from maxllama.data.sources import IMAGE_FORMATS, describe_skipped, plan_units, read_files, source_format
+from maxllama.data.store import SPLITS, TokenArrays, concatenate_documents, is_image_store, open_store
 from maxllama.data.tokenizer import Tokenizer, make_tokenizer
 
 
 @dataclasses.dataclass
 class SourceData:
     name: str
-    splits: dict[str, TokenArrays]
+    splits: dict[str, TokenArrays | ImageDocuments]
     weight: float
     skipped: Counter
 
@@ -55,30 +57,42 @@ class Datasets:
     def validation_documents(self) -> int:
         return sum(s.splits["validation"].n_docs for s in self.sources)
 
+    def summary(self) -> str:
+        """The `data:` line of the training log."""
+        images = [s.splits["train"] for s in self.sources if isinstance(s.splits["train"], ImageDocuments)]
+        tiles = (f", {sum(d.n_images for d in images)} images in {sum(d.n_tiles for d in images)} tiles"
+                 if images else "")
+        return (f"{self.train_documents} train documents ({self.train_tokens / 1e6:.1f}M tokens{tiles}) from "
+                f"{len(self.sources)} source(s), {self.validation_documents} validation documents; "
+                f"{describe_skipped(self.skipped, images=bool(images))}; long documents split: {self.split_documents}")
+
 
 def load_source(index: int, source: SourceConfig, tokenizer: Tokenizer, cfg: Config) -> SourceData:
-    """A token store is opened (tokens stay on disk); raw sources are tokenized in memory, images decoded."""
+    """A store is opened (tokens and tiles stay on disk); raw sources are tokenized in memory, images decoded."""
     val_fraction = cfg.data.val_fraction
-    if source.format == "image_caption":
-        splits, skipped = load_image_captions(index, source, tokenizer, cfg.vision, val_fraction)
+    if source.format in IMAGE_FORMATS:
+        splits, skipped = load_image_source(index, source, tokenizer, cfg.vision, val_fraction)
         return SourceData(source.path, splits, source.weight, skipped)
-    fmt = source_format(source.path, source.format)
-    if fmt == "store":
-        manifest, splits = open_store(source.path)
-        stored = manifest["tokenizer"]["fingerprint"]
-        if stored != tokenizer.fingerprint():
-            raise ConfigError(f"data.sources[{index}].path: {source.path} was tokenized with "
-                              f"{manifest['tokenizer']['spec']} ({stored}), but data.tokenizer is "
-                              f"{tokenizer.name} ({tokenizer.fingerprint()}); prepare it again or change data.tokenizer")
-        return SourceData(source.path, splits, source.weight, Counter(manifest.get("skipped", {})))
-    skipped: Counter = Counter()
-    documents: dict[str, list] = {split: [] for split in SPLITS}
-    for unit in plan_units([source]):
-        docs, counts = tokenize_file(unit, tokenizer, val_fraction)
-        skipped.update(counts)
-        for split in SPLITS:
-            documents[split] += docs[split]
+    if source_format(source.path, source.format) == "store":
+        return _open_prepared(index, source, tokenizer, cfg.vision)
+    documents, skipped = read_files(plan_units([source], first_index=index),
+                                    lambda unit: tokenize_file(unit, tokenizer, val_fraction))
     splits = {split: concatenate_documents(documents[split], tokenizer.bos_id, tokenizer.eos_id) for split in SPLITS}
+    return SourceData(source.path, splits, source.weight, skipped)
+
+
+def _open_prepared(index: int, source: SourceConfig, tokenizer: Tokenizer, vision: VisionConfig) -> SourceData:
+    key = f"data.sources[{index}]"
+    manifest, splits = open_store(source.path)
+    stored = manifest["tokenizer"]["fingerprint"]
+    if stored != tokenizer.fingerprint():
+        raise ConfigError(f"{key}.path: {source.path} was tokenized with "
+                          f"{manifest['tokenizer']['spec']} ({stored}), but data.tokenizer is "
+                          f"{tokenizer.name} ({tokenizer.fingerprint()}); prepare it again or change data.tokenizer")
+    if is_image_store(manifest):
+        require_vision(f"{key}.path", f"{source.path}, a store of images,", vision)
+        splits = open_image_documents(source.path, manifest, splits, vision, key)
+    skipped = Counter(manifest.get("skipped", {})) + Counter(manifest.get("skipped_images", {}))
     return SourceData(source.path, splits, source.weight, skipped)
 
 
@@ -130,6 +144,7 @@ class BlankImages:
     def __init__(self, packer, vision: VisionConfig):
         self.packer = packer
         self.shape = (vision.row_tiles, 3, vision.image_size, vision.image_size)
+        self.split_documents = getattr(packer, "split_documents", 0)
 
     def __len__(self) -> int:
         return len(self.packer)
@@ -209,18 +224,16 @@ def iterate(dataset: grain.MapDataset, start: int, *, prefetch: int, workers: in
     return iterable
 
 
-def batch_statistics(batch: Batch) -> dict[str, float]:
-    """Host-side numbers for the metrics: documents started and padding in this batch."""
+def batch_statistics(batch: Batch, image_start: int) -> dict[str, float]:
+    """Host-side numbers for the metrics: documents started and padding in this batch, and with images (one
+    `<|image_start|>`, this id, each) the images, tiles and image tokens."""
     real = batch["segment_ids"] > 0
     stats = {"documents": float(np.sum(real & (batch["positions"] == 0))),
              "padding_fraction": float(1.0 - real.mean())}
     if "pixels" in batch:
         mask = batch["patch_mask"]
-        rows = np.nonzero(mask)[0]
-        # A document of an image-caption source holds one image; a tile of the budget left empty is all 0.
-        images = len(np.unique(rows.astype(np.int64) * (batch["segment_ids"].max() + 1) + batch["segment_ids"][mask]))
-        tiles = batch["pixels"].reshape(*batch["pixels"].shape[:2], -1).any(axis=-1)
-        stats |= {"images": float(images), "image_tiles": float(tiles.sum()),
+        tiles = batch["pixels"].reshape(*batch["pixels"].shape[:2], -1).any(axis=-1)  # a tile left empty is all 0
+        stats |= {"images": float(np.sum(batch["inputs"] == image_start)), "image_tiles": float(tiles.sum()),
                   "image_tokens_fraction": float(mask.mean())}
     return stats
 

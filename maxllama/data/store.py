@@ -7,7 +7,8 @@ store on disk or in a bucket (zarr3, chunked, zstd-compressed), written once by 
     STORE/{train,validation}/tokens      flat token array (uint16 when the vocabulary fits, else uint32)
     STORE/{train,validation}/doc_starts  int64 start of every document
 
-A store is used only when complete and intact. The manifest is written last, so a folder without one (but
+An image store (maxllama/data/image_store.py) is a token store with each split's tiles and their index beside
+the tokens. A store is used only when complete and intact. The manifest is written last, so a folder without one (but
 with `.parts/`) is an interrupted `maxllama prepare`, refused. Opening a store checks, cheaply, that the
 arrays are the ones the manifest describes: always the token and document counts (array shapes) and the
 document starts (read whole anyway: their order, and their sha256 where the manifest has one); the sha256 of
@@ -32,6 +33,38 @@ PARTS = ".parts"  # `maxllama prepare`'s finished work units, until the store is
 SPLITS = ("train", "validation")
 CHUNK_TOKENS = 1 << 20
 VERIFY_TOKENS = 1 << 26  # splits up to this size have their token checksum verified on opening
+ROWS_PER_SHARD = 64  # arrays of rows (image tiles): rows per file, each row readable alone
+TOKEN_STORE, IMAGE_STORE = "maxllama-token-store-v1", "maxllama-image-store-v1"  # the manifest's format
+
+
+# A split's stored arrays, each with the array whose rows its values count: laying parts end to end shifts them.
+TOKEN_ARRAYS: dict[str, str | None] = {"tokens": None, "doc_starts": "tokens"}
+
+
+@dataclasses.dataclass
+class StoredArray:
+    """A TensorStore array, opened on first read in each process: its spec is picklable, its handle is not."""
+
+    spec: dict
+    _handle: Any = dataclasses.field(default=None, repr=False)
+
+    def __getstate__(self):
+        return {"spec": self.spec, "_handle": None}  # reopened in the process that reads
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Slices [start, stop) of the first axis; the reads are issued together, then awaited."""
+        if self._handle is None:
+            import tensorstore as ts
+            self._handle = ts.open(self.spec, open=True).result()
+        futures = [self._handle[a:b].read() for a, b in ranges]
+        return [f.result() for f in futures]
+
+
+def read_ranges(array: np.ndarray | StoredArray, ranges: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """Slices [start, stop) of the first axis of an array in memory or in a store."""
+    if isinstance(array, np.ndarray):
+        return [array[a:b] for a, b in ranges]
+    return array.read_ranges(ranges)
 
 
 @dataclasses.dataclass
@@ -41,13 +74,7 @@ class TokenArrays:
     doc_starts: np.ndarray
     n_tokens: int
     tokens_np: np.ndarray | None = None
-    tokens_spec: dict | None = None  # TensorStore spec: picklable, opened on first read in each process
-    _tokens_ts: Any = dataclasses.field(default=None, repr=False)
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_tokens_ts"] = None  # TensorStore handles do not cross process boundaries; reopen there
-        return state
+    tokens_stored: StoredArray | None = None
 
     @property
     def n_docs(self) -> int:
@@ -57,14 +84,13 @@ class TokenArrays:
         return np.diff(np.append(self.doc_starts, self.n_tokens))
 
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-        """Token slices [start, stop) as int32 arrays; TensorStore reads are issued together, then awaited."""
-        if self.tokens_np is not None:
-            return [self.tokens_np[a:b].astype(np.int32) for a, b in ranges]
-        if self._tokens_ts is None:
-            import tensorstore as ts
-            self._tokens_ts = ts.open(self.tokens_spec, open=True).result()
-        futures = [self._tokens_ts[a:b].read() for a, b in ranges]
-        return [f.result().astype(np.int32) for f in futures]
+        """Token slices [start, stop) as int32 arrays."""
+        tokens = self.tokens_np if self.tokens_np is not None else self.tokens_stored
+        return [part.astype(np.int32) for part in read_ranges(tokens, ranges)]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The TOKEN_ARRAYS of tokens in memory (what `maxllama prepare` writes of one file)."""
+        return {"tokens": self.tokens_np, "doc_starts": self.doc_starts}
 
 
 def concatenate_documents(documents: Sequence[np.ndarray], bos_id: int, eos_id: int) -> TokenArrays:
@@ -86,21 +112,43 @@ def _kvstore(path: str) -> dict | str:
     return path if "://" in path else {"driver": "file", "path": str(Path(path).absolute())}
 
 
-def array_spec(path: str, *, shape: int | None = None, dtype: str | None = None) -> dict:
+def array_spec(path: str, *, shape: int | tuple[int, ...] | None = None, dtype: str | None = None,
+               chunk: tuple[int, ...] | None = None, read_chunk: tuple[int, ...] | None = None) -> dict:
+    """A zarr3 array; with a shape, a new one's metadata: zstd-compressed chunks of `chunk` (default CHUNK_TOKENS
+    of a 1-D array). With `read_chunk`, each chunk is a shard (one file) of separately readable chunks of that
+    shape: many small reads without as many files."""
     spec: dict = {"driver": "zarr3", "kvstore": _kvstore(path)}
     if shape is not None:
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        codecs = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd", "configuration": {"level": 3}}]
+        if read_chunk is not None:
+            codecs = [{"name": "sharding_indexed", "configuration": {
+                "chunk_shape": list(read_chunk), "codecs": codecs,
+                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]}}]
         spec["metadata"] = {
-            "shape": [shape], "data_type": dtype,
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [CHUNK_TOKENS]}},
-            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                       {"name": "zstd", "configuration": {"level": 3}}],
+            "shape": list(shape), "data_type": dtype,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk or (CHUNK_TOKENS,))}},
+            "codecs": codecs,
         }
     return spec
 
 
-def create_array(path: str, shape: int, dtype: str):
+def create_array(path: str, shape: int | tuple[int, ...], dtype: str, **layout):
+    """A new (or replaced) array; `layout`: array_spec's chunk and read_chunk."""
     import tensorstore as ts
-    return ts.open(array_spec(path, shape=shape, dtype=dtype), create=True, delete_existing=True).result()
+    return ts.open(array_spec(path, shape=shape, dtype=dtype, **layout), create=True, delete_existing=True).result()
+
+
+def row_layout(row_shape: tuple[int, ...]) -> dict:
+    """How an array whose rows have this shape is chunked (array_spec's chunk, read_chunk): a 1-D array in chunks
+    of CHUNK_TOKENS; an array of rows (tiles) in shards of ROWS_PER_SHARD rows, each row readable alone, since a
+    batch reads a few images' tiles at a time."""
+    return {"chunk": (ROWS_PER_SHARD, *row_shape), "read_chunk": (1, *row_shape)} if row_shape else {}
+
+
+def checksum_key(name: str) -> str:
+    """The key of a stored array's sha256 in its split's manifest entry."""
+    return {"tokens": "sha256", "doc_starts": "starts_sha256"}.get(name, f"{name}_sha256")
 
 
 def _remake(store: str) -> str:
@@ -147,57 +195,94 @@ def _manifest_problem(manifest) -> str | None:
         if not (isinstance(entry, dict) and _is_count(entry.get("tokens")) and _is_count(entry.get("documents"))
                 and isinstance(entry.get("sha256"), str)):
             return f"no splits.{split} with tokens, documents and sha256"
-    skipped = manifest.get("skipped", {})
-    if not isinstance(skipped, dict) or not all(map(_is_count, skipped.values())):
-        return "skipped is not a mapping of reason to count"
+    for key in ("skipped", "skipped_images"):
+        counts = manifest.get(key, {})
+        if not isinstance(counts, dict) or not all(map(_is_count, counts.values())):
+            return f"{key} is not a mapping of reason to count"
+    if is_image_store(manifest):
+        if not isinstance(manifest.get("vision"), dict):
+            return "no vision (the tile geometry)"
+        for split in SPLITS:
+            if not all(_is_count(splits[split].get(k)) for k in ("images", "tiles")):
+                return f"no splits.{split} images and tiles"
     return None
+
+
+def is_image_store(manifest: dict) -> bool:
+    return manifest.get("format") == IMAGE_STORE
+
+
+class SplitReader:
+    """Opens and reads one split's arrays of a store; any problem is a ConfigError that says the store is corrupt
+    and how to remake it."""
+
+    def __init__(self, store: str, split: str):
+        self.store, self.split = store, split
+
+    def corrupt(self, problem: str) -> ConfigError:
+        return ConfigError(f"{self.store}/{self.split}: {problem}; the store is corrupt: {_remake(self.store)}")
+
+    def check(self, ok: bool, problem: str) -> None:
+        if not ok:
+            raise self.corrupt(problem)
+
+    def _unreadable(self, name: str, e: ValueError) -> ConfigError:
+        """TensorStore raises ValueError for missing or undecodable metadata and chunks."""
+        return self.corrupt(f"{name} unreadable ({' '.join(str(e).split())[:160]})")
+
+    def spec(self, name: str) -> dict:
+        return array_spec(f"{self.store}/{self.split}/{name}")
+
+    def open(self, name: str):
+        import tensorstore as ts
+        try:
+            return ts.open(self.spec(name), open=True).result()
+        except ValueError as e:
+            raise self._unreadable(name, e) from None
+
+    def read(self, array, name: str) -> np.ndarray:
+        try:
+            return array.read().result()
+        except ValueError as e:
+            raise self._unreadable(name, e) from None
+
+    def check_shape(self, array, name: str, shape: tuple[int, ...], what: str) -> None:
+        self.check(array.shape == shape, f"{name} of shape {array.shape}, the manifest says {what}")
+
+    def _check_sha256(self, digest: str, name: str, entry: dict) -> None:
+        key = checksum_key(name)
+        self.check(digest == entry[key], f"{name} differ from the manifest's checksum (splits.{self.split}.{key})")
+
+    def check_digest(self, data: np.ndarray, name: str, entry: dict) -> None:
+        """The sha256 of an array read whole, where the manifest has one (stores prepared before some checksums
+        existed lack them)."""
+        if checksum_key(name) in entry:
+            self._check_sha256(hashlib.sha256(data.tobytes()).hexdigest(), name, entry)
+
+    def check_streamed_digest(self, array, name: str, step: int, entry: dict) -> None:
+        """The sha256 of an array too large to hold at once, read `step` rows at a time."""
+        digest, rows = hashlib.sha256(), array.shape[0]
+        for a in range(0, rows, step):
+            digest.update(self.read(array[a:min(a + step, rows)], name).tobytes())
+        self._check_sha256(digest.hexdigest(), name, entry)
 
 
 def _open_split(store: str, split: str, entry: dict) -> TokenArrays:
     """One split's arrays, checked against the manifest's counts and checksums (see the module docstring for
     how far)."""
-    import tensorstore as ts
-
-    def corrupt(problem: str) -> ConfigError:
-        return ConfigError(f"{store}/{split}: {problem}; the store is corrupt: {_remake(store)}")
-
-    def check(ok: bool, problem: str) -> None:
-        if not ok:
-            raise corrupt(problem)
-
-    def unreadable(name: str, e: ValueError) -> ConfigError:
-        """TensorStore raises ValueError for missing or undecodable metadata and chunks."""
-        return corrupt(f"{name} unreadable ({' '.join(str(e).split())[:160]})")
-
-    def read(array, name: str) -> np.ndarray:
-        try:
-            return array.read().result()
-        except ValueError as e:
-            raise unreadable(name, e) from None
-
-    arrays = {}
-    for name in ("doc_starts", "tokens"):
-        try:
-            arrays[name] = ts.open(array_spec(f"{store}/{split}/{name}"), open=True).result()
-        except ValueError as e:
-            raise unreadable(name, e) from None
+    reader = SplitReader(store, split)
+    arrays = {name: reader.open(name) for name in ("doc_starts", "tokens")}
     n_docs, n_tokens = entry["documents"], entry["tokens"]
-    check(arrays["tokens"].shape == (n_tokens,), f"tokens of shape {arrays['tokens'].shape}, the manifest says {n_tokens}")
-    check(arrays["doc_starts"].shape == (n_docs,), f"doc_starts of shape {arrays['doc_starts'].shape}, the manifest "
-                                                    f"says {n_docs} documents")
-    starts = np.asarray(read(arrays["doc_starts"], "doc_starts"), np.int64)
+    reader.check_shape(arrays["tokens"], "tokens", (n_tokens,), str(n_tokens))
+    reader.check_shape(arrays["doc_starts"], "doc_starts", (n_docs,), f"{n_docs} documents")
+    starts = np.asarray(reader.read(arrays["doc_starts"], "doc_starts"), np.int64)
     # Every document is at least BOS EOS, laid end to end from 0.
-    check(starts[0] == 0 and np.all(np.diff(starts) >= 2) and starts[-1] <= n_tokens - 2 if n_docs else n_tokens == 0,
-          "doc_starts out of order or past the tokens")
-    if "starts_sha256" in entry:  # stores prepared before this checksum existed lack it
-        check(hashlib.sha256(starts.tobytes()).hexdigest() == entry["starts_sha256"],
-              "doc_starts differ from the manifest's checksum (starts_sha256)")
+    reader.check(starts[0] == 0 and np.all(np.diff(starts) >= 2) and starts[-1] <= n_tokens - 2 if n_docs
+                 else n_tokens == 0, "doc_starts out of order or past the tokens")
+    reader.check_digest(starts, "doc_starts", entry)
     if n_tokens <= VERIFY_TOKENS:
-        digest = hashlib.sha256()
-        for a in range(0, n_tokens, CHUNK_TOKENS):
-            digest.update(read(arrays["tokens"][a:min(a + CHUNK_TOKENS, n_tokens)], "tokens").tobytes())
-        check(digest.hexdigest() == entry["sha256"], f"tokens differ from the manifest's checksum (splits.{split}.sha256)")
-    return TokenArrays(starts, n_tokens, tokens_spec=array_spec(f"{store}/{split}/tokens"))
+        reader.check_streamed_digest(arrays["tokens"], "tokens", CHUNK_TOKENS, entry)
+    return TokenArrays(starts, n_tokens, tokens_stored=StoredArray(reader.spec("tokens")))
 
 
 def open_store(store: str) -> tuple[dict, dict[str, TokenArrays]]:

@@ -108,6 +108,9 @@ class HFTokenizer(SpecialIds):
                 self.raw.add_special_tokens([AddedToken(token, special=True)])
                 found = self.raw.token_to_id(token)
             self.special[token] = found
+        # Special tokens are inserted as ids, never read from text: a `<|patch|>` spelled in the data stays text
+        # (else it would become an image position with no tile behind it).
+        self.raw.encode_special_tokens = True
 
     @property
     def vocab_size(self) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 from maxllama.base.errors import UserError
 from maxllama.config.schema import VisionConfig
 from maxllama.data.image_captions import image_token_ids
-from maxllama.data.images import BadImage, decode_image, image_tokens, normalize_pixels, tile_image
+from maxllama.data.images import BadImage, decode_image, image_tokens, tile_image
 from maxllama.data.sources import read_bytes
 from maxllama.model.decoder import Images
 
@@ -31,7 +31,7 @@ class Prompt(NamedTuple):
         """What `Decoder.__call__(images=...)` takes: the pixels normalised as in training."""
         if self.pixels is None:
             return None
-        return Images(normalize_pixels(self.pixels.astype(np.float32)), self.patch_mask)
+        return Images.from_uint8(self.pixels, self.patch_mask)
 
 
 def read_image(path: str | Path) -> np.ndarray:

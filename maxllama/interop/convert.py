@@ -8,6 +8,8 @@ when complete: a failed conversion leaves nothing at OUT_DIR.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import json
 import math
 import os
@@ -22,11 +24,16 @@ from maxllama.checkpoint.manager import Checkpointer
 from maxllama.checkpoint.model_dir import load_model_dir
 from maxllama.config import ConfigError, dump_config
 from maxllama.config.loader import apply_overrides, build_config
+from maxllama.config.schema import Config
+from maxllama.data.tokenizer import make_tokenizer
 from maxllama.interop import InteropError
-from maxllama.interop.hf_config import hf_config_from_model, model_config_from_hf, text_config, vision_config_from_hf
+from maxllama.interop.hf_config import (MULTIMODAL_TEXT_PREFIX, hf_config_from_model, hf_multimodal_config_from_model,
+                                        image_token_mismatches, model_config_from_hf, text_config,
+                                        vision_config_from_hf)
 from maxllama.interop.hf_weights import TOP_LEVEL, export_tensors, get_path, hf_names_consumed, layer_rules, layer_slot, read_hf_tensor
-from maxllama.interop.hf_vision import vision_from_hf
+from maxllama.interop.hf_vision import vision_from_hf, vision_to_hf
 from maxllama.interop.safetensors_io import SafetensorsReader, write_sharded
+from maxllama.metap.rules import Parametrization, parametrization_for
 from maxllama.model.build import define_model
 from maxllama.parallel.mesh import build_mesh
 from maxllama.parallel.rules import LogicalSharding
@@ -78,11 +85,11 @@ def imported_config(hf: dict, out_dir: Path, overrides: Sequence[str] = ()):
 
 
 def import_config(hf_dir: Path, out_dir: Path, overrides: Sequence[str] = ()):
-    """(the maxllama config of HF_DIR/config.json, the weight-name prefix of its text model)."""
+    """(the maxllama config of HF_DIR/config.json, the weight-name prefix of its text model, config.json)."""
     hf = _read_hf_config(hf_dir)
     try:
         _, prefix = text_config(hf)
-        return imported_config(hf, out_dir, overrides), prefix
+        return imported_config(hf, out_dir, overrides), prefix, hf
     except InteropError as e:  # the mapping's messages start with 'config.json': name its folder too
         raise InteropError(f"{hf_dir}/{e}") from None
 
@@ -105,9 +112,13 @@ def _convert(rule, array: np.ndarray, name: str) -> tuple[np.ndarray, ...]:
 
 
 def hf_import(hf_dir: str | Path, out_dir: str | Path, overrides: Sequence[str] = (), log=print) -> Path:
-    """Convert an HF Llama 4 (text) checkpoint into a maxllama model directory; returns it."""
+    """Convert an HF Llama 4 checkpoint (text-only or multimodal) into a maxllama model directory; returns it."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    cfg, prefix = import_config(hf_dir, out_dir, overrides)
+    cfg, prefix, hf = import_config(hf_dir, out_dir, overrides)
+    if cfg.vision.enabled:  # config.json's ids cannot become config.yaml's: the tokenizer decides them
+        for mismatch in image_token_mismatches(hf, make_tokenizer(cfg.data.tokenizer).special):
+            log(f"note: config.json's {mismatch} in data.tokenizer={cfg.data.tokenizer}; import with the "
+                f"checkpoint's tokenizer (data.tokenizer=PATH) to keep its ids")
     reader = SafetensorsReader(hf_dir)
     sharding = LogicalSharding(build_mesh(cfg.mesh, jax.devices()[:1]))
     model = define_model(cfg, sharding)
@@ -151,16 +162,38 @@ def hf_import(hf_dir: str | Path, out_dir: str | Path, overrides: Sequence[str] 
     return out_dir
 
 
+def _refuse_forward_multipliers(cfg: Config) -> None:
+    """transformers' Llama 4 has no place for MetaP's forward multipliers (embedding, output, router, residual
+    branch, attention scale): a model trained with ones other than its own would load and compute other logits."""
+    p = parametrization_for(cfg)
+    standard = Parametrization("metap", attention_scale=cfg.model.resolved_head_dim ** -0.5)
+    differ = [f.name for f in dataclasses.fields(p) if f.name != "name"
+              and not math.isclose(getattr(p, f.name), getattr(standard, f.name), rel_tol=1e-6)]
+    if differ:
+        raise InteropError(f"metap.parametrization: this model's forward multipliers ({', '.join(differ)}) are not "
+                           f"those of transformers' Llama 4, so the export would compute other logits; export "
+                           f"models trained with metap.parametrization=standard, or at the proxy's own shape")
+
+
+def hf_checkpoint(cfg: Config, params: dict) -> tuple[dict, Iterator[tuple[str, np.ndarray]]]:
+    """(config.json, the named tensors) of the `transformers` model of a maxllama model: Llama4ForCausalLM, or
+    Llama4ForConditionalGeneration with its vision encoder and projector."""
+    _refuse_forward_multipliers(cfg)
+    if not cfg.vision.enabled:
+        return hf_config_from_model(cfg.model), export_tensors(cfg.model, params)
+    hf_cfg = hf_multimodal_config_from_model(cfg.model, cfg.vision, make_tokenizer(cfg.data.tokenizer).special)
+    tensors = itertools.chain(export_tensors(cfg.model, params, prefix=MULTIMODAL_TEXT_PREFIX),
+                              vision_to_hf(params["vision"], cfg.vision).items())
+    return hf_cfg, tensors
+
+
 def hf_export(model_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: int = 5 * 2**30, log=print) -> Path:
     """Write a maxllama model directory as config.json + safetensors for `transformers`."""
     loaded = load_model_dir(model_dir, devices=jax.devices()[:1])
-    if loaded.cfg.vision.enabled:  # refused rather than written without its vision encoder
-        raise InteropError(f"{model_dir}: exporting a model with a vision encoder (Llama4ForConditionalGeneration) "
-                           f"is not supported yet; hf-export writes text-only Llama4ForCausalLM checkpoints")
-    hf_cfg = hf_config_from_model(loaded.cfg.model)
+    hf_cfg, tensors = hf_checkpoint(loaded.cfg, loaded.params)  # refusals come before anything is written
     out_dir = Path(out_dir)
     with staged_directory(out_dir) as staging:
         (staging / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        write_sharded(staging, export_tensors(loaded.cfg.model, loaded.params), max_shard_bytes)
+        write_sharded(staging, tensors, max_shard_bytes)
     log(f"exported step {loaded.step} of {model_dir} to {out_dir}")
     return out_dir

@@ -1,19 +1,29 @@
-"""Hugging Face Llama 4 `config.json` <-> maxllama `model:` section.
+"""Hugging Face Llama 4 `config.json` <-> maxllama `model:` and `vision:` sections.
 
 maxllama describes the layer pattern by two periods (`nope_every`, `moe_every`); a checkpoint whose explicit
 `no_rope_layers` / `moe_layers` lists follow no such period cannot be represented and is refused, naming
-the field, rather than imported wrongly.
+the field, rather than imported wrongly. The same holds both ways for every field one side has and the other
+cannot express.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-from maxllama.config.schema import ModelConfig
+from maxllama.config.schema import ModelConfig, VisionConfig
 from maxllama.interop import InteropError
 
 TEXT_MODEL_TYPES = ("llama4_text",)
 MULTIMODAL_MODEL_TYPES = ("llama4",)
+MULTIMODAL_TEXT_PREFIX = "language_model."  # where Llama4ForConditionalGeneration keeps its Llama4ForCausalLM
+# maxllama's adapter and projector have one width; HF names it three times and they must agree.
+PROJECTOR_WIDTHS = ("projector_input_dim", "projector_output_dim", "vision_output_dim")
+# transformers' Llama4VisionModel builds its LayerNorms with torch's default eps and never reads norm_eps: a
+# checkpoint with another value would not compute in transformers what its config.json says.
+HF_VISION_LAYERNORM_EPS = 1e-5
+# Llama4Config's token-id fields, and the special token of maxllama's tokenizers each one names.
+IMAGE_TOKEN_FIELDS = {"image_token_index": "<|patch|>", "boi_token_index": "<|image_start|>",
+                      "eoi_token_index": "<|image_end|>"}
 
 
 def text_config(hf: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
@@ -24,7 +34,7 @@ def text_config(hf: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
     if model_type in TEXT_MODEL_TYPES:
         return hf, ""
     if model_type in MULTIMODAL_MODEL_TYPES:
-        return _get(hf, "text_config", dict), "language_model."
+        return _get(hf, "text_config", dict), MULTIMODAL_TEXT_PREFIX
     raise InteropError(f"config.json: model_type {model_type!r:.40} is not a Llama 4 model "
                        f"(expected one of {', '.join(TEXT_MODEL_TYPES + MULTIMODAL_MODEL_TYPES)})")
 
@@ -144,12 +154,18 @@ def vision_config_from_hf(hf_root: Mapping[str, Any]) -> dict[str, Any] | None:
     if hf_root.get("model_type") not in MULTIMODAL_MODEL_TYPES or hf_root.get("vision_config") is None:
         return None
     hf = _get(hf_root, "vision_config", dict)
-    widths = {key: _get(hf, key, int, minimum=1) for key in ("projector_input_dim", "projector_output_dim", "vision_output_dim")}
+    widths = {key: _get(hf, key, int, minimum=1) for key in PROJECTOR_WIDTHS}
     if len(set(widths.values())) != 1:
         raise InteropError(f"config.json: vision_config has projector_input_dim, projector_output_dim and "
                            f"vision_output_dim {tuple(widths.values())}; maxllama's adapter needs them equal")
     if _get(hf, "hidden_act", str, "gelu") != "gelu":
         raise InteropError(f"config.json: vision_config.hidden_act {hf['hidden_act']!r:.40} (only 'gelu' is supported)")
+    norm_eps = float(_get(hf, "norm_eps", float, HF_VISION_LAYERNORM_EPS))
+    if norm_eps != HF_VISION_LAYERNORM_EPS:
+        raise InteropError(f"config.json: vision_config.norm_eps is {norm_eps:g}, but transformers' "
+                           f"Llama4VisionModel ignores it (its LayerNorms use {HF_VISION_LAYERNORM_EPS:g}), so "
+                           f"which one the weights were trained with is unknown; set it to "
+                           f"{HF_VISION_LAYERNORM_EPS:g} to import what transformers computes")
     rope = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
     return {
         "enabled": True,
@@ -161,7 +177,7 @@ def vision_config_from_hf(hf_root: Mapping[str, Any]) -> dict[str, Any] | None:
         "patch_size": _get(hf, "patch_size", int, minimum=1),
         "pixel_shuffle_ratio": float(_get(hf, "pixel_shuffle_ratio", float, 0.5)),
         "projector_dim": widths["projector_output_dim"],
-        "norm_eps": float(_get(hf, "norm_eps", float, 1e-5)),
+        "norm_eps": norm_eps,
         "rope_theta": float(_get(rope, "rope_theta", float, _get(hf, "rope_theta", float, 10000.0))),
     }
 
@@ -203,5 +219,60 @@ def hf_config_from_model(m: ModelConfig) -> dict[str, Any]:
         "hidden_act": "silu",
         "tie_word_embeddings": False,
         "attention_bias": False,
+        "dtype": m.param_dtype,
+    }
+
+
+def hf_vision_config_from_model(v: VisionConfig) -> dict[str, Any]:
+    """The `vision_config` of `transformers.Llama4ForConditionalGeneration` for this vision section (the inverse
+    of `vision_config_from_hf`; `max_tiles` and `tiles_per_row` shape the data, not the model, and stay out)."""
+    if v.norm_eps != HF_VISION_LAYERNORM_EPS:
+        raise InteropError(f"vision.norm_eps={v.norm_eps:g}: transformers' Llama4VisionModel always uses LayerNorm "
+                           f"eps {HF_VISION_LAYERNORM_EPS:g}, so it would not compute this model")
+    return {
+        "model_type": "llama4_vision_model",
+        "hidden_size": v.d_model,
+        "num_hidden_layers": v.n_layers,
+        "num_attention_heads": v.n_heads,
+        "intermediate_size": v.d_ff,
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "num_channels": 3,
+        "pixel_shuffle_ratio": v.pixel_shuffle_ratio,
+        **dict.fromkeys(PROJECTOR_WIDTHS, v.projector_dim),
+        "multi_modal_projector_bias": False,
+        "norm_eps": v.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": v.rope_theta},
+        "hidden_act": "gelu",
+    }
+
+
+def image_token_ids(special: Mapping[str, int], vocab_size: int) -> dict[str, int]:
+    """Llama4Config's image token fields from a tokenizer's special-token ids; each must have an embedding."""
+    ids = {field: special[token] for field, token in IMAGE_TOKEN_FIELDS.items()}
+    for field, token in IMAGE_TOKEN_FIELDS.items():
+        if ids[field] >= vocab_size:
+            raise InteropError(f"data.tokenizer: its {token} id {ids[field]} ({field} in config.json) is outside "
+                               f"model.vocab_size {vocab_size}: the model has no embedding for it")
+    return ids
+
+
+def image_token_mismatches(hf_root: Mapping[str, Any], special: Mapping[str, int]) -> list[str]:
+    """The image token fields of a multimodal config.json whose ids the tokenizer gives other tokens."""
+    return [f"{field} {hf_root[field]!r:.40} is not {token} ({special[token]})"
+            for field, token in IMAGE_TOKEN_FIELDS.items() if field in hf_root and hf_root[field] != special[token]]
+
+
+def hf_multimodal_config_from_model(m: ModelConfig, v: VisionConfig, special: Mapping[str, int]) -> dict[str, Any]:
+    """config.json of `transformers.Llama4ForConditionalGeneration`: the text model's config nested as
+    `text_config`, the vision tower's as `vision_config`, and the ids the tokenizer gives the image tokens."""
+    text = {key: value for key, value in hf_config_from_model(m).items() if key != "architectures"}
+    return {
+        "architectures": ["Llama4ForConditionalGeneration"],
+        "model_type": MULTIMODAL_MODEL_TYPES[0],
+        "text_config": text,
+        "vision_config": hf_vision_config_from_model(v),
+        **image_token_ids(special, m.vocab_size),
+        "tie_word_embeddings": False,
         "dtype": m.param_dtype,
     }

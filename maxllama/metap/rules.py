@@ -88,9 +88,11 @@ def global_lr_factor(cfg: Config, s: Scales) -> float:
     return s.batch ** cfg.metap.kappa * s.tokens ** -cfg.metap.beta
 
 
-def param_rule(cfg: Config, role: Role, ratio: float, *, in_branch: bool, query: bool = False) -> ParamRule:
+def param_rule(cfg: Config, role: Role, ratio: float, *, in_branch: bool, query: bool = False,
+               fan_out_ratio: float | None = None) -> ParamRule:
     """The rules table for AdamW (docs/metap.md), one row per role. `in_branch`: the parameter sits inside a residual
-    branch, so the branch multiplier m_L^-alpha scales its gradient and its output; `query`: a query projection."""
+    branch, so the branch multiplier m_L^-alpha scales its gradient and its output; `query`: a query projection;
+    `fan_out_ratio`: how much a hidden matrix's fan-out grew against the proxy (default: as much as its fan-in)."""
     mp, o = cfg.metap, cfg.optim
     if mp.parametrization == "standard":
         vector = role == "vector"
@@ -109,9 +111,14 @@ def param_rule(cfg: Config, role: Role, ratio: float, *, in_branch: bool, query:
     lr = eta * depth_lr  # x each group's constant (and the hidden matrices' 1 / m)
     eps = o.eps * s.width ** -e.eps * depth_eps
     m_lr = ratio ** e.hidden_lr
+    # A hidden matrix whose fan-out grows less than its fan-in (the vision projector when only the tower widens)
+    # leans towards a readout: the layer below updates along its rows, and the product would grow as
+    # sqrt(fan-in / fan-out). Its init keeps the spectral norm at sqrt(fan-out / fan-in) instead.
+    lean = (fan_out_ratio / ratio) ** 0.5 if fan_out_ratio is not None and fan_out_ratio < ratio else 1.0
     init_std, lr_multiplier, weight_decay = {
         "embedding": (mp.sigma_embedding, lr * mp.lr_embedding * ratio ** -e.embedding_lr, wd * mp.wd_embedding),
-        "hidden": (mp.sigma_hidden * ratio ** -e.hidden_init, lr * mp.lr_hidden / m_lr, wd * mp.wd_hidden * m_lr),
+        "hidden": (mp.sigma_hidden * ratio ** -e.hidden_init * lean, lr * mp.lr_hidden / m_lr,
+                   wd * mp.wd_hidden * m_lr),
         "vector": (None, lr * mp.lr_vector, 0.0),
         "readout": (mp.sigma_readout, lr * mp.lr_readout, wd * mp.wd_readout),
         "router": (mp.sigma_readout, lr * mp.lr_router, wd * mp.wd_router),

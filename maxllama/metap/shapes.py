@@ -73,14 +73,23 @@ def width_ratio(role: Role, logical_axes: Sequence[str], fan_in_axes: Sequence[s
     return math.prod(shape[index[a]] / proxy_shape[index[a]] for a in axes)
 
 
+def fan_out_ratio(logical_axes: Sequence[str], fan_in_axes: Sequence[str], shape: Sequence[int],
+                  proxy_shape: Sequence[int]) -> float:
+    """fan-out here / fan-out in the proxy (depth and expert axes aside)."""
+    return math.prod(a / b for name, a, b in zip(logical_axes, shape, proxy_shape)
+                     if name not in fan_in_axes and name not in NOT_WIDTH)
+
+
 def roles_and_ratios(metadata: Mapping[str, Any], shapes: Mapping[str, Any], proxy_shapes: Mapping[str, Any],
-                     wide_shapes: Mapping[str, Any]) -> dict[str, tuple[Role, float]]:
-    """{path: (role, m)} from flat {path: metadata} and flat {path: shape} maps of the three models."""
+                     wide_shapes: Mapping[str, Any]) -> dict[str, tuple[Role, float, float]]:
+    """{path: (role, m, fan-out ratio)} from flat {path: metadata} and flat {path: shape} maps of the three
+    models."""
     out = {}
     for path, meta in metadata.items():
         axes, fan_in = meta["logical_axes"], meta["fan_in_axes"]
         if path not in proxy_shapes or path not in wide_shapes:
             raise ValueError(f"parameter {path} is missing from the proxy model: the proxy must have the same structure")
         role = classify(path, axes, fan_in, shapes[path], wide_shapes[path])
-        out[path] = (role, width_ratio(role, axes, fan_in, shapes[path], proxy_shapes[path]))
+        out[path] = (role, width_ratio(role, axes, fan_in, shapes[path], proxy_shapes[path]),
+                     fan_out_ratio(axes, fan_in, shapes[path], proxy_shapes[path]))
     return out

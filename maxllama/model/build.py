@@ -71,7 +71,9 @@ def define_model(cfg: Config, sharding: LogicalSharding) -> ModelDef:
 
     def rule(key_path, _):
         path = param_path(key_path)
-        return param_rule(cfg, *roles[path], in_branch=in_residual_branch(path), query=_is_query(path))
+        role, ratio, out_ratio = roles[path]
+        return param_rule(cfg, role, ratio, in_branch=in_residual_branch(path), query=_is_query(path),
+                          fan_out_ratio=out_ratio)
 
     rules = jax.tree_util.tree_map_with_path(rule, metadata, is_leaf=IS_META)
     return ModelDef(graphdef, abstract_params, metadata, rules, parametrization)

@@ -102,6 +102,12 @@ class Images(NamedTuple):
     pixels: jax.Array  # [B, tiles, 3, image_size, image_size] normalised; a row's unused tiles are blank
     patch_mask: jax.Array  # [B, T] bool: the <|patch|> positions, tokens_per_tile per used tile, in tile order
 
+    @classmethod
+    def from_uint8(cls, pixels, patch_mask) -> "Images":
+        """From the tiles as the data stores them (uint8): scaled to [-1, 1], mean 0.5 and std 0.5 per channel,
+        what the Llama 4 encoder was trained on."""
+        return cls((jnp.asarray(pixels, jnp.float32) / 255.0 - 0.5) / 0.5, jnp.asarray(patch_mask))
+
 
 class DecoderOutput(NamedTuple):
     logits: jax.Array  # [B, T, V] fp32

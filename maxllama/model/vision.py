@@ -107,7 +107,11 @@ class VisionEncoder(nnx.Module):
         p = lambda param: param.value.astype(dt)  # noqa: E731
         x = unfold_patches(pixels.astype(dt), v.patch_size) @ p(self.patch_embedding)
         x = jnp.concatenate([x, jnp.broadcast_to(p(self.class_embedding), (x.shape[0], 1, x.shape[-1]))], axis=1)
-        x = self.layernorm_pre(x + p(self.positional_embedding))
+        x = x + p(self.positional_embedding)
+        # Sown for the coordinate check (studies/coord_check.py): the tower's coordinates before each norm and
+        # after each map that changes width.
+        self.sow(nnx.Intermediate, "vision_patches", x)
+        x = self.layernorm_pre(x)
         graphdef, state = nnx.split(self.layers)
         angles = jnp.asarray(vision_rope_angles(v.grid, v.d_model // v.n_heads, v.rope_theta))  # a constant
 
@@ -115,8 +119,12 @@ class VisionEncoder(nnx.Module):
             return nnx.merge(graphdef, layer_state)(carry, angles), None
 
         x, _ = jax.lax.scan(body, x, state)
+        self.sow(nnx.Intermediate, "vision_layers_out", x)
         x = self.layernorm_post(x)[:, :-1]  # the class token is dropped
         x = pixel_shuffle(x, v.pixel_shuffle_ratio)
         x = jax.nn.gelu(jax.nn.gelu(x @ p(self.adapter_fc1), approximate=False) @ p(self.adapter_fc2), approximate=False)
-        return x @ p(self.projector)
+        self.sow(nnx.Intermediate, "vision_adapter_out", x)
+        x = x @ p(self.projector)
+        self.sow(nnx.Intermediate, "vision_features", x)
+        return x
 

@@ -1,4 +1,4 @@
-"""The coordinate check: train a ladder of widths (or depths) a few steps at a high learning rate on one
+"""The coordinate check: train a ladder of widths (or depths, or vision-encoder widths) a few steps at a high learning rate on one
 fixed batch and measure the mean |activation| of every module at every step. Under a parametrization that
 transfers, the curves are flat in width; under standard parametrization they grow with it.
 
@@ -23,7 +23,7 @@ from flax import nnx
 from maxllama.base.tree import flat_paths
 from maxllama.config import ConfigError
 from maxllama.config.loader import build_config
-from maxllama.config.schema import Config, ModelConfig
+from maxllama.config.schema import Config, MetaPBaseConfig, ModelConfig, VisionConfig
 from maxllama.data.pipeline import build_datasets
 from maxllama.model.build import bind, define_model, initializer
 from maxllama.parallel.mesh import build_mesh
@@ -31,9 +31,10 @@ from maxllama.parallel.rules import LogicalSharding
 from maxllama.sweep.plotting import figure, finish
 from maxllama.train.optimizer import build_optimizer
 from maxllama.train.schedules import make_schedule
-from maxllama.train.step import init_state, train_step_fn
+from maxllama.train.step import batch_images, init_state, train_step_fn
 
-Axis = Literal["width", "depth"]
+Axis = Literal["width", "depth", "vision_width"]
+FLAGS: dict[Axis, str] = {"width": "--widths", "depth": "--depths", "vision_width": "--vision-widths"}  # `metap coord-check`
 
 
 def scaled_model(model: ModelConfig, width: int) -> ModelConfig:
@@ -43,18 +44,38 @@ def scaled_model(model: ModelConfig, width: int) -> ModelConfig:
     for key in ("d_ff", "d_ff_expert", "n_heads", "n_kv_heads"):
         value = getattr(model, key) * factor
         if value < 1 or value != int(value):
-            raise ConfigError(f"--widths {width}: model.{key} ({getattr(model, key)}) x {width}/{model.d_model} is "
+            raise ConfigError(f"{FLAGS['width']} {width}: model.{key} ({getattr(model, key)}) x {width}/{model.d_model} is "
                               f"not a whole number; pick widths that scale every model width evenly")
         update[key] = int(value)
     return model.model_copy(update=update)
+
+
+def scaled_vision(vision: VisionConfig, width: int) -> VisionConfig:
+    """The vision encoder at another width, its MLP, heads and adapter scaled with it; heads keep their size."""
+    factor = width / vision.d_model
+    update = {}
+    for key in MetaPBaseConfig.VISION_WIDTH_KEYS:
+        value = getattr(vision, key) * factor
+        if value < 1 or value != int(value):
+            raise ConfigError(f"{FLAGS['vision_width']} {width}: vision.{key} ({getattr(vision, key)}) x {width}/"
+                              f"{vision.d_model} is not a whole number; pick widths that scale every vision width evenly")
+        update[key] = int(value)
+    return vision.model_copy(update=update)
 
 
 def ladder_config(cfg: Config, axis: Axis, value: int, proxy_value: int, parametrization: str, steps: int,
                   lr: float) -> Config:
     """One rung: this config at `value` of the axis, with the smallest rung as MetaP's proxy (unless the config
     names its own proxy), a constant LR from the first step, and `steps` steps."""
-    base = cfg.metap.base
-    if axis == "width":
+    base, vision = cfg.metap.base, cfg.vision
+    if axis == "vision_width":
+        if not vision.enabled:
+            raise ConfigError(f"{FLAGS[axis]}: the config has no vision encoder (vision.enabled: false)")
+        model, vision, proxy = cfg.model, scaled_vision(vision, value), scaled_vision(vision, proxy_value)
+        if base.vision_d_model is None:
+            base = base.model_copy(update={f"vision_{key}": getattr(proxy, key)
+                                           for key in MetaPBaseConfig.VISION_WIDTH_KEYS})
+    elif axis == "width":
         model, proxy = scaled_model(cfg.model, value), scaled_model(cfg.model, proxy_value)
         if base.d_model is None:
             base = base.model_copy(update={key: getattr(proxy, key) for key in base.WIDTH_KEYS})
@@ -64,7 +85,7 @@ def ladder_config(cfg: Config, axis: Axis, value: int, proxy_value: int, paramet
             base = base.model_copy(update={"n_layers": proxy_value})
     model = model.model_copy(update={"scan_layers": False})  # per-layer activations
     data = cfg.model_dump()
-    data.update(model=model.model_dump(),
+    data.update(model=model.model_dump(), vision=vision.model_dump(),
                 metap={**cfg.metap.model_dump(), "parametrization": parametrization, "base": base.model_dump()},
                 optim={**cfg.optim.model_dump(), "lr": lr, "schedule": "constant", "warmup_steps": 0},
                 train={**cfg.train.model_dump(), "steps": steps})
@@ -100,7 +121,7 @@ def measure(cfg: Config, batch: dict, by_kind: bool, seeds: Sequence[int]) -> It
     @jax.jit
     def activations(params, batch):
         decoder = bind(model, params)
-        decoder(batch["inputs"], batch["positions"], batch["segment_ids"])
+        decoder(batch["inputs"], batch["positions"], batch["segment_ids"], images=batch_images(batch))
         return module_means(nnx.to_pure_dict(nnx.pop(decoder, nnx.Intermediate)), by_kind)
 
     step = jax.jit(train_step_fn(cfg, model, optimizer, schedule))
@@ -176,8 +197,10 @@ def coord_check(cfg: Config, axis: Axis, values: Sequence[int], parametrization:
                 progress: Callable[[str], None] = lambda _: None) -> CoordCheck:
     values = sorted(values)
     if len(values) < 2:
-        raise ConfigError(f"--{axis}s: need at least two {axis}s to fit a slope, got {values}")
+        raise ConfigError(f"{FLAGS[axis]}: need at least two rungs to fit a slope, got {values}")
     batch = build_datasets(cfg).train[0]
+    if axis == "vision_width" and "pixels" not in batch:
+        raise ConfigError(f"{FLAGS[axis]}: the config's data has no images (data.sources: an image_caption source)")
     per_rung: dict[int, list[list[dict[str, float]]]] = defaultdict(list)
     for value in values:
         rung = ladder_config(cfg, axis, value, values[0], parametrization, steps, lr or cfg.optim.lr)

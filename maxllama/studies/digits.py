@@ -105,6 +105,13 @@ def write_dataset(out: Path, images: np.ndarray, labels: np.ndarray) -> tuple[Pa
     return out / "captions.jsonl", out / "captions_text_only.jsonl"
 
 
+def load_split(digit_set: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(images, labels, training indices, held-out indices) of a digit set."""
+    load, held_out_per_class, _ = DIGIT_SETS[digit_set]
+    images, labels = load()
+    return images, labels, *split(labels, held_out_per_class)
+
+
 def predict(model_dir: str | Path, images: np.ndarray | None, batch: int = 100) -> np.ndarray:
     """The greedy next character after `digit: ` for each image (None: no image, the text-only prompt)."""
     loaded = load_model_dir(model_dir)
@@ -145,10 +152,8 @@ def plot_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, pat
 
 def run(out: Path, digit_set: str, config: str | None, overrides: list[str], *, copies: int, max_shift: int,
         log=print) -> Accuracy:
-    load, held_out_per_class, default_config = DIGIT_SETS[digit_set]
-    config = config or default_config
-    images, labels = load()
-    train_ids, held = split(labels, held_out_per_class)
+    config = config or DIGIT_SETS[digit_set][2]
+    images, labels, train_ids, held = load_split(digit_set)
     pairs, text = write_dataset(out, *augmented(images, labels, train_ids, copies, max_shift))
     runs = {}
     for name, source in (("with_images", f"{{path: {pairs}, format: image_caption}}"), ("text_only", f"{{path: {text}}}")):
@@ -177,10 +182,17 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/multimodal")
     parser.add_argument("--copies", type=int, default=3, help="shifted copies of each training digit (default 3)")
     parser.add_argument("--max-shift", type=int, default=2, help="largest shift in pixels (default 2)")
+    parser.add_argument("--data-only", action="store_true",
+                        help="write the training digits (OUT/captions.jsonl, OUT/images/) and stop")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     ns = parser.parse_args(argv)
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
+    if ns.data_only:
+        images, labels, train_ids, _ = load_split(ns.digits)
+        pairs, _ = write_dataset(out, *augmented(images, labels, train_ids, ns.copies, ns.max_shift))
+        print(f"training digits: {pairs}")
+        return 0
     try:
         accuracy = run(out, ns.digits, ns.config, ns.overrides, copies=ns.copies, max_shift=ns.max_shift)
     except UserError as e:

@@ -147,10 +147,7 @@ def _train(cfg: Config, log, devices, primary: bool) -> TrainSummary:
     entropy = unigram_entropy(data.validation)
     log(f"model: {counts.total / 1e6:.2f}M parameters, {counts.active / 1e6:.2f}M active per token; "
         f"{flops_per_token / 1e6:.1f} MFLOPs per token")
-    skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(data.skipped.items())) or "none"
-    log(f"data: {data.train_documents} train documents ({data.train_tokens / 1e6:.1f}M tokens) from "
-        f"{len(data.sources)} source(s), {data.validation_documents} validation documents; skipped records: "
-        f"{skipped}; long documents split: {data.split_documents}")
+    log(f"data: {data.summary()}")
     log(f"mesh {dict(mesh.shape)}; peak {peak / 1e9:.1f} GFLOP/s "
         f"per device ({peak_source}); compiled in {compile_time:.1f}s")
     log(f"run directory: {run_dir}  (metrics.jsonl, tensorboard/, checkpoints/)")
@@ -171,6 +168,7 @@ def _train(cfg: Config, log, devices, primary: bool) -> TrainSummary:
     # The batch at a step is a function of the step: the step is the data position, and a resumed run reads
     # from it on.
     batches = iter(iterate(data.train, start, prefetch=cfg.data.prefetch, workers=cfg.data.workers))
+    image_start = data.tokenizer.special["<|image_start|>"]
     with contextlib.ExitStack() as cleanup:
         preemption = cleanup.enter_context(preemption_signals())
         cleanup.callback(checkpointer.close)
@@ -186,7 +184,7 @@ def _train(cfg: Config, log, devices, primary: bool) -> TrainSummary:
                 local = next(batches)
                 batch = global_batch(local, batch_sharding)
             state, metrics = train_step(state, batch)
-            reporter.add(step, {**metrics, **batch_statistics(local)})
+            reporter.add(step, {**metrics, **batch_statistics(local, image_start)})
             last = step == cfg.train.steps
 
             if step % cfg.train.eval_every == 0 or last:

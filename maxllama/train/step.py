@@ -11,19 +11,20 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from maxllama.base.state import TrainState
 from maxllama.config.schema import Config
-from maxllama.data.images import normalize_pixels
 from maxllama.model.build import ModelDef, bind
 from maxllama.model.decoder import DecoderOutput, Images
 from maxllama.train.loss import next_token_nll, training_loss
 from maxllama.train.optimizer import rule_field, weighted_global_norm
 
 
+def batch_images(batch: dict) -> Images | None:
+    """The images of a batch, when it has any."""
+    return Images.from_uint8(batch["pixels"], batch["patch_mask"]) if "pixels" in batch else None
+
+
 def forward(model: ModelDef, params: dict, batch: dict) -> DecoderOutput:
     """The model on a batch: tokens, their documents and positions, and the images when the batch has any."""
-    images = None
-    if "pixels" in batch:
-        images = Images(normalize_pixels(batch["pixels"].astype(jnp.float32)), batch["patch_mask"])
-    return bind(model, params)(batch["inputs"], batch["positions"], batch["segment_ids"], images=images)
+    return bind(model, params)(batch["inputs"], batch["positions"], batch["segment_ids"], images=batch_images(batch))
 
 
 def train_step_fn(cfg: Config, model: ModelDef, optimizer: optax.GradientTransformation,
