@@ -64,9 +64,16 @@ SWEEP := $(ML) sweep run
 COORD := $(ML) metap coord-check experiments/metap/proxy.yaml metap.sigma_readout=0.005 metap.lr_readout=1 --lr 4e-3 \
 	--seeds 0,1,2,3,4,5 --out runs/metap/coord
 
-metap-coord: $(STAMP)  ## coordinate check: widths 32..512 and depths 2..32, MetaP vs standard
+# The vision tower's check widens the tower alone, on the 8 x 8 digits; its projector then leans towards a readout
+# whose init part shrinks by design (docs/metap.md), so it runs 8 steps and is judged from step 4.
+VISION_DATA := runs/metap/coord_vision_data
+metap-coord: $(DIGITS_STAMP)  ## coordinate check: widths 32..512, depths 2..32, vision widths 32..256; MetaP vs standard
 	$(COORD) --widths 32,64,128,256,512
 	$(COORD) --depths 2,4,8,16,32
+	$(PY) -m maxllama.studies.digits --digits small --copies 0 --data-only --out $(VISION_DATA)
+	$(ML) metap coord-check experiments/multimodal/small_digits.yaml "data.sources=[{path: $(VISION_DATA)/captions.jsonl, format: image_caption}]" \
+		metap.sigma_readout=0.005 metap.lr_readout=1 --lr 4e-3 --seeds 0,1,2,3,4,5 --steps 8 --min-step 4 \
+		--out runs/metap/coord --vision-widths 32,64,128,256
 
 metap-width: $(STAMP)  ## optimal-LR drift over 16x width, MetaP vs standard
 	$(SWEEP) experiments/metap/width.yaml

@@ -264,7 +264,7 @@ def test_vision_coordinate_check_is_flat_under_metap_and_grows_under_sp(tmp_path
     from maxllama.studies.coord_check import coord_check
     rng = np.random.default_rng(0)
     with open(tmp_path / "captions.jsonl", "w") as captions:
-        for i in range(64):
+        for i in range(160):
             Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / f"{i}.png")
             captions.write(json.dumps({"image": f"{i}.png", "text": f"digit: {i % 10}"}) + "\n")
     cfg, _ = load_config("experiments/multimodal/small_digits.yaml", [
@@ -272,11 +272,12 @@ def test_vision_coordinate_check_is_flat_under_metap_and_grows_under_sp(tmp_path
         "metap.sigma_readout=0.005", "metap.lr_readout=1"])
     slopes = {}
     for param in ("metap", "standard"):
-        check = coord_check(cfg, "vision_width", [32, 64, 128], param, seeds=(0,), steps=3, lr=4e-3)
+        # Judged from step 4, as `make metap-coord` does: the projected features' init part shrinks by design.
+        check = coord_check(cfg, "vision_width", [32, 64, 128], param, seeds=(0,), steps=5, lr=4e-3)
         assert {"vision_patches", "vision_layers_out", "vision_adapter_out", "vision_features"} <= set(check.slopes)
-        slopes[param] = {m: np.array(s[2:]) for m, s in check.slopes.items()}
-    assert max(np.abs(s).max() for s in slopes["metap"].values()) < 0.25, slopes["metap"]  # the full check: 0.1
-    assert slopes["standard"]["vision_features"].min() > 0.5, slopes["standard"]  # SP: they grow with width
+        slopes[param] = {m: np.array(s[4:]) for m, s in check.slopes.items()}
+    assert max(np.abs(s).max() for s in slopes["metap"].values()) < 0.2, slopes["metap"]  # the full check: 0.1
+    assert slopes["standard"]["vision_features"].min() > 1.0, slopes["standard"]  # SP: they grow with width
 
 
 def test_slope_errors_are_the_spread_of_each_seeds_own_fit():
