@@ -9,7 +9,7 @@ CONFIG ?= experiments/tiny.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-slow bench bench-data bench-ckpt multimodal lint clean \
+.PHONY: install train test test-slow bench bench-data bench-ckpt bench-vision multimodal lint clean \
 	metap-coord metap-width metap-width-wd0 metap-width-hidden-wd metap-readout metap-embedding metap-init metap-depth metap-experts metap-batch-horizon metap-e2e metap-all
 
 $(STAMP): setup.cfg pyproject.toml
@@ -46,6 +46,10 @@ bench: $(STAMP)  ## throughput, MFU, compile time and peak memory of the tiny mo
 
 bench-data: $(STAMP)  ## token-store preparation MB/s and packed-batch tokens/s
 	$(PY) -m maxllama.bench.data $(ARGS)
+
+bench-vision: $(DIGITS_STAMP)  ## tokens/s and MFU of the digits run, and the vision tower's share of the step time
+	@test -f runs/multimodal/captions.jsonl || $(PY) -m maxllama.studies.digits --data-only --out runs/multimodal
+	$(PY) -m maxllama.bench.vision $(ARGS)
 
 bench-ckpt: $(STAMP)  ## checkpoint save / async-blocked / restore times (tiny and ~300M parameters)
 	$(PY) -m maxllama.bench.checkpoint $(ARGS)
