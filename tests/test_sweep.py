@@ -109,6 +109,7 @@ def ran_sweep(tmp_path_factory):
     return sweep_file, out, result
 
 
+@pytest.mark.slow  # the six-run sweep they share takes over a minute on 2 cores: make test-slow
 def test_local_sweep_records_failures_and_goes_on(ran_sweep):
     _, out, result = ran_sweep
     assert result.returncode == 1  # some runs failed
@@ -119,6 +120,7 @@ def test_local_sweep_records_failures_and_goes_on(ran_sweep):
     assert all(run["exit_code"] == 2 and "/no/such/corpus does not exist" in run["error"] for run in failed)
 
 
+@pytest.mark.slow  # the six-run sweep they share takes over a minute on 2 cores: make test-slow
 def test_report_numbers_equal_the_runs_metrics(ran_sweep):
     _, out, _ = ran_sweep
     text, csv_path, png, optima = report(out, "optim.lr", None)
@@ -146,6 +148,7 @@ def _saved_params(run_dir, step):
     return params
 
 
+@pytest.mark.slow  # the six-run sweep they share takes over a minute on 2 cores: make test-slow
 def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(ran_sweep):
     import jax
 
@@ -173,6 +176,7 @@ def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(ran_sweep):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # the six-run sweep they share takes over a minute on 2 cores: make test-slow
 def test_a_run_trained_with_other_settings_is_neither_counted_nor_resumed(ran_sweep):
     import yaml
 
